@@ -1,0 +1,3 @@
+//! hubd: a local-first smart-home hub. See `ARCHITECTURE.md` beside this crate.
+
+pub mod model;
