@@ -1,0 +1,327 @@
+//! Runs one parsed command against hubd: connect, call, print.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hub_proto::v1;
+use hub_proto::v1::admin_client::AdminClient;
+use tonic::transport::Channel;
+
+use crate::Error;
+use crate::cli::{Command, DevicesCommand, Invocation};
+use crate::output::{self, DeviceListView, DeviceView, StatusView};
+
+/// How long to wait for the socket to accept. A Unix socket connects at once
+/// or fails at once; this only bounds a hubd that is wedged.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long one RPC may take. Every admin call is local and small, enrolment
+/// included (one P-256 signature and a durable commit).
+const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The largest CSR file read: a P-256 CSR in PEM is well under 1 KiB.
+const MAX_CSR_BYTES: u64 = 64 * 1024;
+
+/// Runs `inv`, printing its result to `out`.
+pub(crate) async fn execute(inv: Invocation, out: &mut dyn Write) -> Result<(), Error> {
+    match inv.command {
+        Command::Status { json } => {
+            let what = "status".to_owned();
+            let mut client = connect(&inv.socket).await?;
+            let status = call(&what, client.status(v1::StatusRequest {})).await?;
+            let view = StatusView::from(&status);
+            if json {
+                print_json(out, &view)
+            } else {
+                print(out, &output::status_details(&view))
+            }
+        }
+        Command::Devices { command } => devices(command, &inv.socket, out).await,
+    }
+}
+
+async fn devices(command: DevicesCommand, socket: &Path, out: &mut dyn Write) -> Result<(), Error> {
+    match command {
+        DevicesCommand::List { json } => {
+            let what = "devices list".to_owned();
+            let mut client = connect(socket).await?;
+            let list = call(&what, client.list_devices(v1::ListDevicesRequest {})).await?;
+            let devices: Vec<DeviceView> = list.devices.iter().map(DeviceView::from).collect();
+            if json {
+                print_json(out, &DeviceListView { devices })
+            } else {
+                print(out, &output::device_table(&devices))
+            }
+        }
+        DevicesCommand::Show { id, json } => {
+            let what = format!("devices show {id}");
+            let mut client = connect(socket).await?;
+            let request = v1::GetDeviceRequest {
+                id: id.as_str().to_owned(),
+            };
+            let device = DeviceView::from(&call(&what, client.get_device(request)).await?);
+            if json {
+                print_json(out, &device)
+            } else {
+                print(out, &output::device_details(&device))
+            }
+        }
+        DevicesCommand::Revoke { id } => {
+            let what = format!("devices revoke {id}");
+            let mut client = connect(socket).await?;
+            let request = v1::RevokeDeviceRequest {
+                id: id.as_str().to_owned(),
+            };
+            let answer = call(&what, client.revoke_device(request)).await?;
+            let note = if answer.was_connected {
+                " (its session was closed)"
+            } else {
+                ""
+            };
+            print(
+                out,
+                &format!("revoked {}{note}\n", output::sanitize(id.as_str())),
+            )
+        }
+        DevicesCommand::Disconnect { id } => {
+            let what = format!("devices disconnect {id}");
+            let mut client = connect(socket).await?;
+            let request = v1::DisconnectDeviceRequest {
+                id: id.as_str().to_owned(),
+            };
+            let answer = call(&what, client.disconnect_device(request)).await?;
+            let id = output::sanitize(id.as_str());
+            if answer.was_connected {
+                print(out, &format!("disconnected {id}\n"))
+            } else {
+                print(out, &format!("{id} was not connected\n"))
+            }
+        }
+        DevicesCommand::Enroll {
+            name,
+            csr,
+            out: dir,
+            force,
+        } => enroll(name, &csr, &dir, force, socket, out).await,
+    }
+}
+
+/// `devices enroll`: every local check runs before hubd is asked, so a
+/// certificate is never issued only to find that it cannot be written.
+async fn enroll(
+    name: String,
+    csr: &Path,
+    dir: &Path,
+    force: bool,
+    socket: &Path,
+    out: &mut dyn Write,
+) -> Result<(), Error> {
+    let what = format!("devices enroll {}", output::sanitize(&name));
+    let csr_pem = read_csr(&what, csr)?;
+    let cert_path = dir.join("cert.pem");
+    let ca_path = dir.join("ca.pem");
+    if !force {
+        for path in [&cert_path, &ca_path] {
+            if path.symlink_metadata().is_ok() {
+                return Err(Error::Exists {
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+    }
+    if !dir.is_dir() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| Error::File {
+                what: what.clone(),
+                path: dir.to_path_buf(),
+                source,
+            })?;
+    }
+
+    let mut client = connect(socket).await?;
+    let answer = call(
+        &what,
+        client.enroll_device(v1::EnrollDeviceRequest { name, csr_pem }),
+    )
+    .await?;
+    let device = answer.device.ok_or_else(|| Error::Incomplete {
+        what: what.clone(),
+        field: "device",
+    })?;
+
+    for (path, pem) in [
+        (&cert_path, &answer.cert_pem),
+        (&ca_path, &answer.ca_chain_pem),
+    ] {
+        write_new(path, pem.as_bytes(), force).map_err(|source| Error::NotWritten {
+            what: what.clone(),
+            id: output::sanitize(&device.id),
+            path: path.clone(),
+            source,
+        })?;
+    }
+    print(out, &format!("{}\n", output::sanitize(&device.id)))
+}
+
+/// Reads and sanity-checks the CSR file. A private key is refused outright:
+/// sending it to the hub would defeat the point of a CSR.
+fn read_csr(what: &str, path: &Path) -> Result<String, Error> {
+    let file_error = |source| Error::File {
+        what: what.to_owned(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let bad = |reason| Error::BadCsr {
+        what: what.to_owned(),
+        path: path.to_path_buf(),
+        reason,
+    };
+    let len = fs::metadata(path).map_err(file_error)?.len();
+    if len > MAX_CSR_BYTES {
+        return Err(bad("too large for a certificate signing request"));
+    }
+    let bytes = fs::read(path).map_err(file_error)?;
+    let text = String::from_utf8(bytes).map_err(|_| bad("not a PEM file"))?;
+    if text.contains("PRIVATE KEY-----") {
+        return Err(bad(
+            "holds a private key: give the CSR, the key stays on the device",
+        ));
+    }
+    if !text.contains("-----BEGIN CERTIFICATE REQUEST-----") {
+        return Err(bad("no PEM certificate signing request in it"));
+    }
+    Ok(text)
+}
+
+/// Writes `path`. Without `force` the file must not exist (checked atomically
+/// by `create_new`); with it, a temporary file is renamed over the old one, so
+/// a reader never sees half a certificate.
+fn write_new(path: &Path, contents: &[u8], force: bool) -> io::Result<()> {
+    if !force {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        f.write_all(contents)?;
+        return f.sync_all();
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        // Best effort: the original error is the one worth reporting.
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Connects to hubd, telling "not running" (exit 3) from "not allowed" (exit 1).
+async fn connect(socket: &Path) -> Result<AdminClient<Channel>, Error> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, hub_proto::admin_client(socket)).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) if is_permission_denied(&e) => Err(Error::SocketDenied {
+            path: socket.to_path_buf(),
+        }),
+        Ok(Err(_)) | Err(_) => Err(Error::Unreachable {
+            path: socket.to_path_buf(),
+        }),
+    }
+}
+
+/// Whether connecting failed because the socket's mode or group refused us.
+fn is_permission_denied(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>()
+            && io.kind() == io::ErrorKind::PermissionDenied
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Awaits one RPC with [`RPC_TIMEOUT`], naming `what` in any error.
+async fn call<T>(
+    what: &str,
+    rpc: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(RPC_TIMEOUT, rpc).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(Error::Rpc {
+            what: what.to_owned(),
+            status,
+        }),
+        Err(_) => Err(Error::TimedOut {
+            what: what.to_owned(),
+            after: RPC_TIMEOUT,
+        }),
+    }
+}
+
+fn print(out: &mut dyn Write, text: &str) -> Result<(), Error> {
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(Error::Output)
+}
+
+fn print_json(out: &mut dyn Write, value: &impl serde::Serialize) -> Result<(), Error> {
+    let mut text = serde_json::to_string_pretty(value).map_err(Error::Json)?;
+    text.push('\n');
+    print(out, &text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csr_checks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.pem");
+        let check = |text: &str| {
+            fs::write(&path, text).expect("write");
+            read_csr("devices enroll x", &path)
+        };
+        let ok = "-----BEGIN CERTIFICATE REQUEST-----\nAA==\n-----END CERTIFICATE REQUEST-----\n";
+        assert_eq!(check(ok).expect("a csr"), ok);
+        let e = check("-----BEGIN PRIVATE KEY-----\n").expect_err("a key");
+        assert!(e.to_string().contains("holds a private key"), "{e}");
+        let e = check("hello").expect_err("not pem");
+        assert!(
+            e.to_string().contains("no PEM certificate signing request"),
+            "{e}"
+        );
+        let missing = read_csr("devices enroll x", &dir.path().join("nope")).expect_err("missing");
+        assert!(
+            missing.to_string().starts_with("devices enroll x: "),
+            "{missing}"
+        );
+    }
+
+    #[test]
+    fn write_new_refuses_to_overwrite_unless_forced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cert.pem");
+        write_new(&path, b"one", false).expect("first write");
+        let e = write_new(&path, b"two", false).expect_err("exists");
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        write_new(&path, b"three", true).expect("forced");
+        assert_eq!(fs::read(&path).expect("read"), b"three");
+        assert!(!dir.path().join("cert.pem.tmp").exists());
+    }
+}

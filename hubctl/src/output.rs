@@ -1,0 +1,553 @@
+//! What hubctl prints: the stable JSON views of hubd's answers and their human
+//! renderings (aligned tables, `key: value` lines, UTC times).
+//!
+//! The JSON views are hubctl's own types, not the protobuf messages, so the
+//! JSON a script reads does not change when the wire format grows a field.
+
+use hub_proto::v1;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use time::macros::format_description;
+
+/// A device as `devices list --json` and `devices show --json` print it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceView {
+    pub id: String,
+    pub name: String,
+    pub state: DeviceStateView,
+    pub connected: bool,
+    /// Serial of the current certificate, lowercase hex.
+    pub cert_serial: String,
+    /// Certificate notAfter, Unix seconds.
+    pub cert_not_after: i64,
+    pub cert_not_after_rfc3339: Option<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub created_at_rfc3339: Option<String>,
+    /// Unix seconds of the last session start or end; `null` if never seen.
+    pub last_seen: Option<i64>,
+    pub last_seen_rfc3339: Option<String>,
+}
+
+/// A device's state; `unknown` covers states this hubctl does not know yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceStateView {
+    Active,
+    Revoked,
+    Unknown,
+}
+
+impl DeviceStateView {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Revoked => "revoked",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl From<&v1::Device> for DeviceView {
+    fn from(d: &v1::Device) -> Self {
+        let state = match v1::DeviceState::try_from(d.state) {
+            Ok(v1::DeviceState::Active) => DeviceStateView::Active,
+            Ok(v1::DeviceState::Revoked) => DeviceStateView::Revoked,
+            Ok(v1::DeviceState::Unspecified) | Err(_) => DeviceStateView::Unknown,
+        };
+        // The protocol says 0 means "never seen".
+        let last_seen = (d.last_seen != 0).then_some(d.last_seen);
+        Self {
+            id: d.id.clone(),
+            name: d.name.clone(),
+            state,
+            connected: d.connected,
+            cert_serial: d.cert_serial.clone(),
+            cert_not_after: d.cert_not_after,
+            cert_not_after_rfc3339: rfc3339(d.cert_not_after),
+            created_at: d.created_at,
+            created_at_rfc3339: rfc3339(d.created_at),
+            last_seen,
+            last_seen_rfc3339: last_seen.and_then(rfc3339),
+        }
+    }
+}
+
+/// `devices list --json`: an object rather than a bare array, so fields can be added.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceListView {
+    pub devices: Vec<DeviceView>,
+}
+
+/// `status --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusView {
+    /// hubd's version.
+    pub version: String,
+    /// The admin API version hubd speaks.
+    pub protocol_version: u32,
+    pub uptime_seconds: u64,
+    pub devices_known: u64,
+    pub devices_connected: u64,
+    pub counters: CountersView,
+    /// SHA-256 of the hub CA certificate (DER), lowercase hex.
+    pub ca_fingerprint: String,
+    pub mqtt_listen: String,
+}
+
+/// The message counters of `status --json`; the meanings are those of `admin.proto`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountersView {
+    pub publishes_received: u64,
+    pub publishes_sent: u64,
+    pub acl_denied: u64,
+    pub dropped_slow_subscriber: u64,
+    pub handshakes_ok: u64,
+    pub handshakes_failed: u64,
+    pub connections_refused: u64,
+    pub sessions_refused: u64,
+    pub protocol_errors: u64,
+}
+
+impl From<&v1::StatusResponse> for StatusView {
+    fn from(s: &v1::StatusResponse) -> Self {
+        // hubd always sends the counters; all zeros is the honest reading of an absent message.
+        let c = s.counters.unwrap_or_default();
+        Self {
+            version: s.version.clone(),
+            protocol_version: s.protocol_version,
+            uptime_seconds: s.uptime_seconds,
+            devices_known: s.devices_known,
+            devices_connected: s.devices_connected,
+            counters: CountersView {
+                publishes_received: c.publishes_received,
+                publishes_sent: c.publishes_sent,
+                acl_denied: c.acl_denied,
+                dropped_slow_subscriber: c.dropped_slow_subscriber,
+                handshakes_ok: c.handshakes_ok,
+                handshakes_failed: c.handshakes_failed,
+                connections_refused: c.connections_refused,
+                sessions_refused: c.sessions_refused,
+                protocol_errors: c.protocol_errors,
+            },
+            ca_fingerprint: s.ca_fingerprint.clone(),
+            mqtt_listen: s.mqtt_listen.clone(),
+        }
+    }
+}
+
+/// Unix seconds as RFC 3339 in UTC; `None` if the value is outside what RFC 3339 can say.
+pub fn rfc3339(unix: i64) -> Option<String> {
+    OffsetDateTime::from_unix_timestamp(unix)
+        .ok()?
+        .format(&Rfc3339)
+        .ok()
+}
+
+/// Unix seconds for people: `2026-11-22 14:03` (UTC); `@<seconds>` if out of range.
+pub fn human_time(unix: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(format_description!("[year]-[month]-[day] [hour]:[minute]"))
+                .ok()
+        })
+        .unwrap_or_else(|| format!("@{unix}"))
+}
+
+/// Like [`human_time`], with `-` for "never".
+fn human_time_or_never(unix: Option<i64>) -> String {
+    unix.map_or_else(|| "-".to_owned(), human_time)
+}
+
+/// A duration in seconds as `3d 4h 5m 6s`, leaving out leading zero units.
+pub fn human_duration(secs: u64) -> String {
+    let units = [
+        (secs / 86_400, "d"),
+        (secs / 3_600 % 24, "h"),
+        (secs / 60 % 60, "m"),
+    ];
+    let mut parts: Vec<String> = units
+        .iter()
+        .skip_while(|(n, _)| *n == 0)
+        .map(|(n, u)| format!("{n}{u}"))
+        .collect();
+    parts.push(format!("{}s", secs % 60));
+    parts.join(" ")
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+/// Makes text from hubd safe to print on a terminal: control characters (an
+/// escape sequence in a device name could rewrite the screen) are shown escaped.
+pub fn sanitize(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Terminal columns taken by `c`: 0 for combining marks and zero-width
+/// characters, 2 for East Asian wide/fullwidth characters and emoji, else 1.
+///
+/// An approximation of Unicode's East Asian Width covering the scripts device
+/// names are written in; the workspace has no unicode-width dependency.
+fn char_width(c: char) -> usize {
+    match u32::from(c) {
+        0x0300..=0x036F
+        | 0x0483..=0x0489
+        | 0x0591..=0x05BD
+        | 0x0610..=0x061A
+        | 0x064B..=0x065F
+        | 0x0E31
+        | 0x0E34..=0x0E3A
+        | 0x0E47..=0x0E4E
+        | 0x1AB0..=0x1AFF
+        | 0x1DC0..=0x1DFF
+        | 0x200B..=0x200F
+        | 0x20D0..=0x20FF
+        | 0xFE00..=0xFE0F
+        | 0xFE20..=0xFE2F
+        | 0xE0100..=0xE01EF => 0,
+        0x1100..=0x115F
+        | 0x231A..=0x231B
+        | 0x2329..=0x232A
+        | 0x23E9..=0x23EC
+        | 0x23F0
+        | 0x23F3
+        | 0x25FD..=0x25FE
+        | 0x2614..=0x2615
+        | 0x2648..=0x2653
+        | 0x26A1
+        | 0x26AA..=0x26AB
+        | 0x26BD..=0x26BE
+        | 0x26C4..=0x26C5
+        | 0x26D4
+        | 0x26EA
+        | 0x26F2..=0x26F5
+        | 0x26FA
+        | 0x26FD
+        | 0x2705
+        | 0x270A..=0x270B
+        | 0x2728
+        | 0x274C
+        | 0x2753..=0x2755
+        | 0x2757
+        | 0x2795..=0x2797
+        | 0x27B0
+        | 0x27BF
+        | 0x2B1B..=0x2B1C
+        | 0x2B50
+        | 0x2B55
+        | 0x2E80..=0x303E
+        | 0x3041..=0x33FF
+        | 0x3400..=0x4DBF
+        | 0x4E00..=0x9FFF
+        | 0xA000..=0xA4CF
+        | 0xA960..=0xA97F
+        | 0xAC00..=0xD7A3
+        | 0xF900..=0xFAFF
+        | 0xFE10..=0xFE19
+        | 0xFE30..=0xFE6F
+        | 0xFF00..=0xFF60
+        | 0xFFE0..=0xFFE6
+        | 0x1F004
+        | 0x1F0CF
+        | 0x1F18E
+        | 0x1F191..=0x1F19A
+        | 0x1F200..=0x1F251
+        | 0x1F300..=0x1F64F
+        | 0x1F680..=0x1F6FF
+        | 0x1F7E0..=0x1F7EB
+        | 0x1F90C..=0x1F9FF
+        | 0x1FA70..=0x1FAFF
+        | 0x20000..=0x2FFFD
+        | 0x30000..=0x3FFFD => 2,
+        _ => 1,
+    }
+}
+
+/// Terminal columns taken by `s` (see [`char_width`]).
+pub fn display_width(s: &str) -> usize {
+    s.chars().map(char_width).sum()
+}
+
+/// An aligned table: columns two spaces apart, padded by display width, and
+/// no trailing spaces. Cells must already be [`sanitize`]d.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| display_width(h)).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(display_width(cell));
+        }
+    }
+    let mut out = String::new();
+    let header_row: Vec<String> = headers.iter().map(|h| (*h).to_owned()).collect();
+    for row in std::iter::once(&header_row).chain(rows) {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(cell);
+            line.extend(std::iter::repeat_n(
+                ' ',
+                w.saturating_sub(display_width(cell)),
+            ));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `key: value` lines with the values aligned.
+pub fn key_values(pairs: &[(&str, String)]) -> String {
+    let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (k, v) in pairs {
+        let pad = width - k.len();
+        out.push_str(&format!("{k}: {:pad$}{v}\n", ""));
+    }
+    out
+}
+
+/// The human `devices list` table.
+pub fn device_table(devices: &[DeviceView]) -> String {
+    let rows: Vec<Vec<String>> = devices
+        .iter()
+        .map(|d| {
+            vec![
+                sanitize(&d.id),
+                sanitize(&d.name),
+                d.state.as_str().to_owned(),
+                yes_no(d.connected).to_owned(),
+                human_time(d.cert_not_after),
+                human_time_or_never(d.last_seen),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "NAME",
+            "STATE",
+            "CONNECTED",
+            "CERT EXPIRES",
+            "LAST SEEN",
+        ],
+        &rows,
+    )
+}
+
+/// The human `devices show`.
+pub fn device_details(d: &DeviceView) -> String {
+    key_values(&[
+        ("id", sanitize(&d.id)),
+        ("name", sanitize(&d.name)),
+        ("state", d.state.as_str().to_owned()),
+        ("connected", yes_no(d.connected).to_owned()),
+        ("cert serial", sanitize(&d.cert_serial)),
+        ("cert expires", human_time(d.cert_not_after)),
+        ("created", human_time(d.created_at)),
+        ("last seen", human_time_or_never(d.last_seen)),
+    ])
+}
+
+/// The human `status`.
+pub fn status_details(s: &StatusView) -> String {
+    let c = &s.counters;
+    key_values(&[
+        ("version", sanitize(&s.version)),
+        ("protocol", s.protocol_version.to_string()),
+        ("uptime", human_duration(s.uptime_seconds)),
+        (
+            "devices",
+            format!(
+                "{} known, {} connected",
+                s.devices_known, s.devices_connected
+            ),
+        ),
+        ("mqtt listen", sanitize(&s.mqtt_listen)),
+        ("ca fingerprint", sanitize(&s.ca_fingerprint)),
+        ("publishes received", c.publishes_received.to_string()),
+        ("publishes sent", c.publishes_sent.to_string()),
+        ("acl denied", c.acl_denied.to_string()),
+        (
+            "dropped slow subscriber",
+            c.dropped_slow_subscriber.to_string(),
+        ),
+        ("handshakes ok", c.handshakes_ok.to_string()),
+        ("handshakes failed", c.handshakes_failed.to_string()),
+        ("connections refused", c.connections_refused.to_string()),
+        ("sessions refused", c.sessions_refused.to_string()),
+        ("protocol errors", c.protocol_errors.to_string()),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(name: &str, last_seen: i64) -> v1::Device {
+        v1::Device {
+            id: "d1".into(),
+            name: name.into(),
+            state: v1::DeviceState::Active.into(),
+            connected: true,
+            cert_serial: "0a1b".into(),
+            cert_not_after: 1_795_356_180, // 2026-11-22 14:03 UTC
+            created_at: 1_763_820_180,     // 2025-11-22 14:03 UTC
+            last_seen,
+        }
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(human_time(1_795_356_180), "2026-11-22 14:03");
+        assert_eq!(
+            rfc3339(1_795_356_180).as_deref(),
+            Some("2026-11-22T14:03:00Z")
+        );
+        assert_eq!(human_time(i64::MAX), format!("@{}", i64::MAX));
+        assert_eq!(rfc3339(i64::MAX), None);
+        assert_eq!(human_duration(0), "0s");
+        assert_eq!(human_duration(3_661), "1h 1m 1s");
+        assert_eq!(human_duration(86_400 + 5), "1d 0h 0m 5s");
+    }
+
+    #[test]
+    fn table_aligns_by_display_width() {
+        // Wide CJK (2 columns each), a precomposed é, a combining accent (0
+        // columns) and an emoji with its presentation selector (2 + 0).
+        let rows = vec![
+            vec!["a".to_owned(), "台所".to_owned(), "x".to_owned()],
+            vec!["bbb".to_owned(), "Caf\u{e9}".to_owned(), "y".to_owned()],
+            vec![
+                "c".to_owned(),
+                "e\u{301}\u{1f321}\u{fe0f}".to_owned(),
+                "z".to_owned(),
+            ],
+            vec!["dd".to_owned(), "キッチンの温度".to_owned(), String::new()],
+        ];
+        let t = table(&["ID", "NAME", "Z"], &rows);
+        assert_eq!(
+            t,
+            "ID   NAME            Z\n\
+             a    台所            x\n\
+             bbb  Caf\u{e9}            y\n\
+             c    e\u{301}\u{1f321}\u{fe0f}             z\n\
+             dd   キッチンの温度\n"
+        );
+    }
+
+    #[test]
+    fn sanitize_escapes_control_characters() {
+        assert_eq!(sanitize("a\u{1b}[2Jb\n"), "a\\u{1b}[2Jb\\n");
+        assert_eq!(sanitize("Küche"), "Küche");
+    }
+
+    #[test]
+    fn device_table_and_details() {
+        let list = [
+            DeviceView::from(&device("Kitchen sensor", 0)),
+            DeviceView::from(&device("Wohnzimmer Thermostat", 1_795_356_180)),
+        ];
+        assert_eq!(
+            device_table(&list),
+            "ID  NAME                   STATE   CONNECTED  CERT EXPIRES      LAST SEEN\n\
+             d1  Kitchen sensor         active  yes        2026-11-22 14:03  -\n\
+             d1  Wohnzimmer Thermostat  active  yes        2026-11-22 14:03  2026-11-22 14:03\n"
+        );
+        assert_eq!(
+            device_details(&list[0]),
+            "id:           d1\n\
+             name:         Kitchen sensor\n\
+             state:        active\n\
+             connected:    yes\n\
+             cert serial:  0a1b\n\
+             cert expires: 2026-11-22 14:03\n\
+             created:      2025-11-22 14:03\n\
+             last seen:    -\n"
+        );
+    }
+
+    #[test]
+    fn device_json_shape_and_round_trip() {
+        let view = DeviceView::from(&device("Küche", 0));
+        let json = serde_json::to_value(&view).expect("serializes");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "id": "d1",
+                "name": "Küche",
+                "state": "active",
+                "connected": true,
+                "cert_serial": "0a1b",
+                "cert_not_after": 1_795_356_180,
+                "cert_not_after_rfc3339": "2026-11-22T14:03:00Z",
+                "created_at": 1_763_820_180,
+                "created_at_rfc3339": "2025-11-22T14:03:00Z",
+                "last_seen": null,
+                "last_seen_rfc3339": null,
+            })
+        );
+        let back: DeviceView = serde_json::from_value(json).expect("deserializes");
+        assert_eq!(back, view);
+    }
+
+    #[test]
+    fn unknown_state_is_unknown() {
+        let mut d = device("x", 0);
+        d.state = 42;
+        assert_eq!(DeviceView::from(&d).state, DeviceStateView::Unknown);
+        d.state = v1::DeviceState::Revoked.into();
+        assert_eq!(DeviceView::from(&d).state, DeviceStateView::Revoked);
+    }
+
+    #[test]
+    fn status_json_shape() {
+        let s = v1::StatusResponse {
+            version: "0.1.0".into(),
+            protocol_version: 1,
+            uptime_seconds: 61,
+            devices_known: 2,
+            devices_connected: 1,
+            counters: None,
+            ca_fingerprint: "ab".into(),
+            mqtt_listen: "0.0.0.0:8883".into(),
+        };
+        let view = StatusView::from(&s);
+        let json = serde_json::to_value(&view).expect("serializes");
+        let keys: Vec<&str> = json
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "ca_fingerprint",
+                "counters",
+                "devices_connected",
+                "devices_known",
+                "mqtt_listen",
+                "protocol_version",
+                "uptime_seconds",
+                "version"
+            ]
+        );
+        assert_eq!(json["counters"]["acl_denied"], 0);
+        let back: StatusView = serde_json::from_value(json).expect("deserializes");
+        assert_eq!(back, view);
+    }
+}

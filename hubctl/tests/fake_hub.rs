@@ -1,0 +1,512 @@
+//! hubctl against a fake hubd: a tonic `Admin` server with canned answers on a
+//! Unix socket in a temp dir, driven through `hubctl::run_with_env` exactly as
+//! `main` drives it, with the output text asserted.
+
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use hub_proto::v1;
+use hub_proto::v1::admin_server::{Admin, AdminServer};
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status};
+
+/// 2026-11-22 14:03:00 UTC.
+const EXPIRES: i64 = 1_795_356_180;
+/// 2025-11-22 14:03:00 UTC.
+const CREATED: i64 = 1_763_820_180;
+/// 2025-11-23 09:41:00 UTC.
+const SEEN: i64 = 1_763_890_860;
+
+const CERT_PEM: &str = "-----BEGIN CERTIFICATE-----\nZmFrZS1kZXZpY2U=\n-----END CERTIFICATE-----\n";
+const CA_PEM: &str = "-----BEGIN CERTIFICATE-----\nZmFrZS1jYQ==\n-----END CERTIFICATE-----\n";
+const CSR_PEM: &str =
+    "-----BEGIN CERTIFICATE REQUEST-----\nZmFrZS1jc3I=\n-----END CERTIFICATE REQUEST-----\n";
+
+fn device(id: &str, name: &str, connected: bool, last_seen: i64) -> v1::Device {
+    v1::Device {
+        id: id.into(),
+        name: name.into(),
+        state: v1::DeviceState::Active.into(),
+        connected,
+        cert_serial: "3f9a".into(),
+        cert_not_after: EXPIRES,
+        created_at: CREATED,
+        last_seen,
+    }
+}
+
+fn devices() -> Vec<v1::Device> {
+    vec![
+        device("7h3k2m", "Küche Thermostat", true, SEEN),
+        device("a1b2c3", "台所のセンサー", false, 0),
+    ]
+}
+
+/// The fake hubd. With `deny` set it refuses everything, as hubd does for a
+/// peer outside the hubadmin group.
+#[derive(Default)]
+struct FakeHub {
+    /// Refuse every call with PERMISSION_DENIED.
+    deny: bool,
+    /// How many EnrollDevice calls arrived.
+    enrolls: Arc<AtomicUsize>,
+}
+
+impl FakeHub {
+    fn check<T>(&self, _req: &Request<T>) -> Result<(), Status> {
+        if self.deny {
+            return Err(Status::permission_denied(
+                "peer uid 1000 is not in group hubadmin",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn find(id: &str) -> Result<v1::Device, Status> {
+    devices()
+        .into_iter()
+        .find(|d| d.id == id)
+        .ok_or_else(|| Status::not_found("no such device"))
+}
+
+#[tonic::async_trait]
+impl Admin for FakeHub {
+    async fn status(
+        &self,
+        req: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        self.check(&req)?;
+        Ok(Response::new(v1::StatusResponse {
+            version: "0.1.0".into(),
+            protocol_version: hub_proto::PROTOCOL_VERSION,
+            uptime_seconds: 90_061,
+            devices_known: 2,
+            devices_connected: 1,
+            counters: Some(v1::MessageCounters {
+                publishes_received: 120,
+                publishes_sent: 80,
+                acl_denied: 3,
+                dropped_slow_subscriber: 0,
+                handshakes_ok: 9,
+                handshakes_failed: 1,
+                connections_refused: 0,
+                sessions_refused: 2,
+                protocol_errors: 0,
+            }),
+            ca_fingerprint: "ab".repeat(32),
+            mqtt_listen: "0.0.0.0:8883".into(),
+        }))
+    }
+
+    async fn list_devices(
+        &self,
+        req: Request<v1::ListDevicesRequest>,
+    ) -> Result<Response<v1::ListDevicesResponse>, Status> {
+        self.check(&req)?;
+        Ok(Response::new(v1::ListDevicesResponse {
+            devices: devices(),
+        }))
+    }
+
+    async fn get_device(
+        &self,
+        req: Request<v1::GetDeviceRequest>,
+    ) -> Result<Response<v1::Device>, Status> {
+        self.check(&req)?;
+        find(&req.get_ref().id).map(Response::new)
+    }
+
+    async fn enroll_device(
+        &self,
+        req: Request<v1::EnrollDeviceRequest>,
+    ) -> Result<Response<v1::EnrollDeviceResponse>, Status> {
+        self.check(&req)?;
+        self.enrolls.fetch_add(1, Ordering::SeqCst);
+        let req = req.into_inner();
+        if req.csr_pem != CSR_PEM {
+            return Err(Status::invalid_argument("csr: not the one the test sent"));
+        }
+        Ok(Response::new(v1::EnrollDeviceResponse {
+            device: Some(device("n3wd3v", &req.name, false, 0)),
+            cert_pem: CERT_PEM.into(),
+            ca_chain_pem: CA_PEM.into(),
+        }))
+    }
+
+    async fn revoke_device(
+        &self,
+        req: Request<v1::RevokeDeviceRequest>,
+    ) -> Result<Response<v1::RevokeDeviceResponse>, Status> {
+        self.check(&req)?;
+        let mut device = find(&req.get_ref().id)?;
+        let was_connected = device.connected;
+        device.state = v1::DeviceState::Revoked.into();
+        device.connected = false;
+        Ok(Response::new(v1::RevokeDeviceResponse {
+            device: Some(device),
+            was_connected,
+        }))
+    }
+
+    /// Not a hubctl command (yet): the fake only has to exist.
+    async fn publish(
+        &self,
+        req: Request<v1::PublishRequest>,
+    ) -> Result<Response<v1::PublishResponse>, Status> {
+        self.check(&req)?;
+        Err(Status::unimplemented("publish: not part of the fake"))
+    }
+
+    async fn disconnect_device(
+        &self,
+        req: Request<v1::DisconnectDeviceRequest>,
+    ) -> Result<Response<v1::DisconnectDeviceResponse>, Status> {
+        self.check(&req)?;
+        let device = find(&req.get_ref().id)?;
+        Ok(Response::new(v1::DisconnectDeviceResponse {
+            was_connected: device.connected,
+        }))
+    }
+}
+
+/// A running fake hub; the server task ends with the test's runtime.
+struct Hub {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+/// Binds the socket before returning, so the first connection cannot race the server.
+fn start(hub: FakeHub) -> Hub {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("hubd.sock");
+    let listener = UnixListener::bind(&socket).expect("bind fake hubd socket");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AdminServer::new(hub))
+            .serve_with_incoming(UnixListenerStream::new(listener)),
+    );
+    Hub { _dir: dir, socket }
+}
+
+struct Run {
+    code: u8,
+    out: String,
+    err: String,
+}
+
+/// Runs hubctl with `HUBD_SOCKET` = `socket` as its only environment variable.
+async fn hubctl(socket: &Path, args: &[&str]) -> Run {
+    let socket = socket.as_os_str().to_owned();
+    let argv: Vec<OsString> = std::iter::once("hubctl")
+        .chain(args.iter().copied())
+        .map(OsString::from)
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let env = |name: &str| (name == "HUBD_SOCKET").then(|| socket.clone());
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = hubctl::run_with_env(argv, &env, &mut out, &mut err);
+        Run {
+            code,
+            out: String::from_utf8(out).expect("utf-8 stdout"),
+            err: String::from_utf8(err).expect("utf-8 stderr"),
+        }
+    })
+    .await
+    .expect("hubctl thread")
+}
+
+/// Asserts success and returns stdout.
+async fn ok(socket: &Path, args: &[&str]) -> String {
+    let r = hubctl(socket, args).await;
+    assert_eq!((r.code, r.err.as_str()), (0, ""), "{args:?}");
+    r.out
+}
+
+#[tokio::test]
+async fn status_human_and_json() {
+    let hub = start(FakeHub::default());
+    let fp = "ab".repeat(32);
+    assert_eq!(
+        ok(&hub.socket, &["status"]).await,
+        format!(
+            "version:                 0.1.0\n\
+             protocol:                1\n\
+             uptime:                  1d 1h 1m 1s\n\
+             devices:                 2 known, 1 connected\n\
+             mqtt listen:             0.0.0.0:8883\n\
+             ca fingerprint:          {fp}\n\
+             publishes received:      120\n\
+             publishes sent:          80\n\
+             acl denied:              3\n\
+             dropped slow subscriber: 0\n\
+             handshakes ok:           9\n\
+             handshakes failed:       1\n\
+             connections refused:     0\n\
+             sessions refused:        2\n\
+             protocol errors:         0\n"
+        )
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&hub.socket, &["status", "--json"]).await).expect("json");
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "version": "0.1.0",
+            "protocol_version": 1,
+            "uptime_seconds": 90_061,
+            "devices_known": 2,
+            "devices_connected": 1,
+            "counters": {
+                "publishes_received": 120,
+                "publishes_sent": 80,
+                "acl_denied": 3,
+                "dropped_slow_subscriber": 0,
+                "handshakes_ok": 9,
+                "handshakes_failed": 1,
+                "connections_refused": 0,
+                "sessions_refused": 2,
+                "protocol_errors": 0,
+            },
+            "ca_fingerprint": fp,
+            "mqtt_listen": "0.0.0.0:8883",
+        })
+    );
+}
+
+#[tokio::test]
+async fn devices_list_human_and_json() {
+    let hub = start(FakeHub::default());
+    assert_eq!(
+        ok(&hub.socket, &["devices", "list"]).await,
+        "ID      NAME              STATE   CONNECTED  CERT EXPIRES      LAST SEEN\n\
+         7h3k2m  Küche Thermostat  active  yes        2026-11-22 14:03  2025-11-23 09:41\n\
+         a1b2c3  台所のセンサー    active  no         2026-11-22 14:03  -\n"
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&hub.socket, &["devices", "list", "--json"]).await).expect("json");
+    assert_eq!(
+        json,
+        serde_json::json!({ "devices": [
+            {
+                "id": "7h3k2m",
+                "name": "Küche Thermostat",
+                "state": "active",
+                "connected": true,
+                "cert_serial": "3f9a",
+                "cert_not_after": EXPIRES,
+                "cert_not_after_rfc3339": "2026-11-22T14:03:00Z",
+                "created_at": CREATED,
+                "created_at_rfc3339": "2025-11-22T14:03:00Z",
+                "last_seen": SEEN,
+                "last_seen_rfc3339": "2025-11-23T09:41:00Z",
+            },
+            {
+                "id": "a1b2c3",
+                "name": "台所のセンサー",
+                "state": "active",
+                "connected": false,
+                "cert_serial": "3f9a",
+                "cert_not_after": EXPIRES,
+                "cert_not_after_rfc3339": "2026-11-22T14:03:00Z",
+                "created_at": CREATED,
+                "created_at_rfc3339": "2025-11-22T14:03:00Z",
+                "last_seen": null,
+                "last_seen_rfc3339": null,
+            },
+        ]})
+    );
+}
+
+#[tokio::test]
+async fn devices_show_human_and_json() {
+    let hub = start(FakeHub::default());
+    assert_eq!(
+        ok(&hub.socket, &["devices", "show", "7h3k2m"]).await,
+        "id:           7h3k2m\n\
+         name:         Küche Thermostat\n\
+         state:        active\n\
+         connected:    yes\n\
+         cert serial:  3f9a\n\
+         cert expires: 2026-11-22 14:03\n\
+         created:      2025-11-22 14:03\n\
+         last seen:    2025-11-23 09:41\n"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&hub.socket, &["devices", "show", "a1b2c3", "--json"]).await)
+            .expect("json");
+    assert_eq!(json["id"], "a1b2c3");
+    assert_eq!(json["last_seen"], serde_json::Value::Null);
+}
+
+#[tokio::test]
+async fn devices_revoke_and_disconnect() {
+    let hub = start(FakeHub::default());
+    assert_eq!(
+        ok(&hub.socket, &["devices", "revoke", "7h3k2m"]).await,
+        "revoked 7h3k2m (its session was closed)\n"
+    );
+    assert_eq!(
+        ok(&hub.socket, &["devices", "revoke", "a1b2c3"]).await,
+        "revoked a1b2c3\n"
+    );
+    assert_eq!(
+        ok(&hub.socket, &["devices", "disconnect", "7h3k2m"]).await,
+        "disconnected 7h3k2m\n"
+    );
+    assert_eq!(
+        ok(&hub.socket, &["devices", "disconnect", "a1b2c3"]).await,
+        "a1b2c3 was not connected\n"
+    );
+}
+
+#[tokio::test]
+async fn not_found_exits_1_naming_the_command() {
+    let hub = start(FakeHub::default());
+    for (args, message) in [
+        (
+            &["devices", "revoke", "abc"][..],
+            "hubctl: devices revoke abc: no such device\n",
+        ),
+        (
+            &["devices", "show", "abc"],
+            "hubctl: devices show abc: no such device\n",
+        ),
+        (
+            &["devices", "disconnect", "abc"],
+            "hubctl: devices disconnect abc: no such device\n",
+        ),
+    ] {
+        let r = hubctl(&hub.socket, args).await;
+        assert_eq!(r.code, 1, "{args:?}");
+        assert_eq!(r.err, message);
+        assert_eq!(r.out, "");
+    }
+}
+
+#[tokio::test]
+async fn permission_denied_exits_1_with_the_hint() {
+    let hub = start(FakeHub {
+        deny: true,
+        ..FakeHub::default()
+    });
+    let r = hubctl(&hub.socket, &["devices", "list", "--json"]).await;
+    assert_eq!(r.code, 1);
+    assert_eq!(r.out, "");
+    assert_eq!(
+        r.err,
+        "hubctl: devices list: peer uid 1000 is not in group hubadmin\n\
+         hubctl: you are not allowed to administer this hub: \
+         run as root or as a member of the hubadmin group\n"
+    );
+}
+
+#[tokio::test]
+async fn enroll_writes_files_and_refuses_to_overwrite() {
+    let enrolls = Arc::new(AtomicUsize::new(0));
+    let hub = start(FakeHub {
+        enrolls: Arc::clone(&enrolls),
+        ..FakeHub::default()
+    });
+    let work = tempfile::tempdir().expect("tempdir");
+    let csr = work.path().join("device.csr");
+    std::fs::write(&csr, CSR_PEM).expect("write csr");
+    let out_dir = work.path().join("new").join("bundle");
+    let csr_arg = csr.to_str().expect("utf-8 temp path");
+    let out_arg = out_dir.to_str().expect("utf-8 temp path");
+    let args = [
+        "devices",
+        "enroll",
+        "--name",
+        "Hall light",
+        "--csr",
+        csr_arg,
+        "--out",
+        out_arg,
+    ];
+
+    assert_eq!(ok(&hub.socket, &args).await, "n3wd3v\n");
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("cert.pem")).expect("cert"),
+        CERT_PEM
+    );
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("ca.pem")).expect("ca"),
+        CA_PEM
+    );
+    let mode = std::fs::metadata(&out_dir)
+        .expect("out dir")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+    assert_eq!(enrolls.load(Ordering::SeqCst), 1);
+
+    // A second enrolment into the same place is refused before hubd is asked.
+    let r = hubctl(&hub.socket, &args).await;
+    assert_eq!(r.code, 1);
+    assert_eq!(
+        r.err,
+        format!(
+            "hubctl: devices enroll Hall light: {}: already exists (use --force to replace it)\n",
+            out_dir.join("cert.pem").display()
+        )
+    );
+    assert_eq!(enrolls.load(Ordering::SeqCst), 1);
+
+    let forced: Vec<&str> = args.iter().copied().chain(["--force"]).collect();
+    assert_eq!(ok(&hub.socket, &forced).await, "n3wd3v\n");
+    assert_eq!(enrolls.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("cert.pem")).expect("cert"),
+        CERT_PEM
+    );
+}
+
+#[tokio::test]
+async fn enroll_refuses_a_private_key_without_asking_hubd() {
+    let enrolls = Arc::new(AtomicUsize::new(0));
+    let hub = start(FakeHub {
+        enrolls: Arc::clone(&enrolls),
+        ..FakeHub::default()
+    });
+    let work = tempfile::tempdir().expect("tempdir");
+    let key = work.path().join("device.key");
+    std::fs::write(
+        &key,
+        "-----BEGIN EC PRIVATE KEY-----\nAA==\n-----END EC PRIVATE KEY-----\n",
+    )
+    .expect("write key");
+    let key_arg = key.to_str().expect("utf-8 temp path");
+    let out_arg = work.path().to_str().expect("utf-8 temp path");
+    let r = hubctl(
+        &hub.socket,
+        &[
+            "devices", "enroll", "--name", "x", "--csr", key_arg, "--out", out_arg,
+        ],
+    )
+    .await;
+    assert_eq!(r.code, 1);
+    assert!(r.err.contains("holds a private key"), "{}", r.err);
+    assert_eq!(enrolls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn unreachable_socket_exits_3() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("none.sock");
+    let r = hubctl(&socket, &["status"]).await;
+    assert_eq!(r.code, 3);
+    assert_eq!(
+        r.err,
+        format!(
+            "hubctl: cannot reach hubd at {}: is it running?\n",
+            socket.display()
+        )
+    );
+}

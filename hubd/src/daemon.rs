@@ -1,0 +1,274 @@
+//! The composition root: opens the state, starts every subsystem in order,
+//! supervises them, and shuts them down in reverse order.
+//!
+//! Start order: state dir, CA, store, registry, edge (router + MQTT listener),
+//! admin API, then `READY=1`. Shutdown is the reverse: the admin API stops
+//! taking requests, the edge ends every session (v5 clients are told
+//! "server shutting down") and closes its listener, and the store is dropped
+//! last. Any subsystem that stops on its own is a failure: the daemon shuts
+//! down and `run` returns the error, so `main` exits non-zero and systemd
+//! restarts it.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::acl::Principal;
+use crate::api::{self, ApiState};
+use crate::ca::{self, Ca};
+use crate::config::{self, Config};
+use crate::edge::{self, EdgeHandle, SessionGate, TlsMaterial};
+use crate::model::DeviceId;
+use crate::registry::{self, RegistryHandle};
+use crate::store::{self, Store};
+use crate::systemd;
+
+/// How long shutdown may take before the daemon gives up waiting.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
+
+/// How often the server certificate's expiry is checked.
+const RENEW_CHECK: Duration = Duration::from_secs(3600);
+
+/// Why the daemon could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    #[error("state dir {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state dir {path} has mode {mode:04o}: it must not be accessible by group or others (chmod 700 {path})")]
+    StateDirMode { path: PathBuf, mode: u32 },
+    #[error(transparent)]
+    Ca(#[from] ca::Error),
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error(transparent)]
+    Registry(#[from] registry::Error),
+    #[error("edge: {0}")]
+    Edge(#[from] edge::Error),
+    #[error(transparent)]
+    Api(#[from] api::Error),
+    #[error("{0} stopped unexpectedly")]
+    Subsystem(&'static str),
+}
+
+/// The sockets `run` serves, bound by the caller (`main`, or a test on port 0).
+#[derive(Debug)]
+pub struct Listeners {
+    /// The MQTT-over-TLS listener.
+    pub mqtt: TcpListener,
+    /// The admin API's Unix socket (see [`api::bind_admin_socket`]).
+    pub admin: UnixListener,
+}
+
+/// Binds the MQTT listener. A function of its own so `main` and the tests bind
+/// the same way.
+pub async fn bind_mqtt(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Creates the state dir 0700 if missing; refuses one that group or others can enter.
+fn prepare_state_dir(path: &Path) -> Result<(), Error> {
+    let err = |source| Error::StateDir {
+        path: path.to_owned(),
+        source,
+    };
+    if !path.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(err)?;
+        // `recursive` may leave the leaf with the umask's mode; make sure.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    let mode = std::fs::metadata(path).map_err(err)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(Error::StateDirMode {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// The registry as the edge's session gate.
+struct Gate(RegistryHandle);
+
+impl SessionGate for Gate {
+    fn admit(&self, id: &DeviceId, cert_serial: &str) -> Result<Principal, String> {
+        self.0.admit(id, cert_serial)
+    }
+
+    fn session_started(&self, id: &DeviceId) {
+        self.0.touch(id);
+    }
+
+    fn session_ended(&self, id: &DeviceId) {
+        self.0.touch(id);
+    }
+}
+
+/// Runs the hub until `shutdown` is cancelled (Ok) or a subsystem fails (Err).
+///
+/// `config.hub.state_dir` must be set (the caller resolves it, see
+/// [`Config::resolve_state_dir`]).
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), Error> {
+    let started = Instant::now();
+    let state_dir = match &config.hub.state_dir {
+        Some(dir) => dir.clone(),
+        None => config.resolve_state_dir(&|k| std::env::var_os(k))?,
+    };
+    prepare_state_dir(&state_dir)?;
+
+    let ca = {
+        let dir = state_dir.join("ca");
+        let names = config.edge.server_names.clone();
+        let days = config.ca.server_validity_days;
+        tokio::task::spawn_blocking(move || Ca::open_or_create(&dir, &names, days))
+            .await
+            .map_err(|_| Error::Subsystem("ca setup"))??
+    };
+    let store = Store::open(&state_dir.join("hub.redb"))?;
+    let registry = RegistryHandle::new(store, ca, config.ca.clone());
+    // A server certificate that expired while the hub was off is renewed before
+    // the edge starts with it.
+    registry.renew_server_if_due()?;
+    let material = TlsMaterial {
+        ca_der: registry.ca_der(),
+        server: registry.server_identity(),
+        crl: registry.crl()?,
+        allow_tls12: config.edge.allow_tls12,
+    };
+
+    // Subsystems report an unexpected stop here.
+    let (failed_tx, mut failed_rx) = mpsc::channel::<Error>(4);
+
+    let edge_stop = CancellationToken::new();
+    let edge_tasks = TaskTracker::new();
+    let edge = edge::start(
+        config.edge.clone(),
+        material,
+        listeners.mqtt,
+        Arc::new(Gate(registry.clone())),
+        &edge_tasks,
+        edge_stop.clone(),
+    )
+    .await?;
+
+    let api_stop = CancellationToken::new();
+    let api_tasks = TaskTracker::new();
+    {
+        let state = ApiState {
+            registry: registry.clone(),
+            edge: edge.clone(),
+            started,
+            max_payload: config.edge.max_packet_size,
+        };
+        let group = config.admin.group.clone();
+        let stop = api_stop.clone();
+        let failed = failed_tx.clone();
+        api_tasks.spawn(async move {
+            let result = api::serve(listeners.admin, state, group, stop.clone()).await;
+            if !stop.is_cancelled() {
+                let e = match result {
+                    Err(e) => Error::Api(e),
+                    Ok(()) => Error::Subsystem("admin api"),
+                };
+                let _ = failed.send(e).await;
+            }
+        });
+    }
+
+    let aux_stop = CancellationToken::new();
+    let aux_tasks = TaskTracker::new();
+    aux_tasks.spawn(systemd::watchdog(aux_stop.clone()));
+    aux_tasks.spawn(renew_server_cert(
+        registry.clone(),
+        edge.clone(),
+        aux_stop.clone(),
+        failed_tx.clone(),
+    ));
+    drop(failed_tx);
+
+    let status = format!(
+        "serving mqtt on {}, ca {}",
+        edge.local_addr(),
+        &registry.ca_fingerprint()[..16]
+    );
+    info!(state_dir = %state_dir.display(), "{status}");
+    systemd::ready(&status);
+
+    let outcome = tokio::select! {
+        _ = shutdown.cancelled() => Ok(()),
+        Some(e) = failed_rx.recv() => {
+            error!(error = %e, "subsystem failed; shutting down");
+            Err(e)
+        }
+    };
+
+    systemd::stopping();
+    info!("shutting down");
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    for (name, stop, tasks) in [
+        ("aux", &aux_stop, &aux_tasks),
+        ("admin api", &api_stop, &api_tasks),
+        ("edge", &edge_stop, &edge_tasks),
+    ] {
+        stop.cancel();
+        tasks.close();
+        if tokio::time::timeout_at(deadline, tasks.wait()).await.is_err() {
+            warn!(subsystem = name, "did not stop in time");
+        }
+    }
+    // Last: every change was committed durably when it was made; this makes
+    // the informational last-seen times durable too.
+    if let Err(e) = registry.store().flush() {
+        warn!(error = %e, "final store flush failed");
+    }
+    drop(edge);
+    drop(registry);
+    info!("stopped");
+    outcome
+}
+
+async fn renew_server_cert(
+    registry: RegistryHandle,
+    edge: EdgeHandle,
+    stop: CancellationToken,
+    failed: mpsc::Sender<Error>,
+) {
+    let mut ticker = tokio::time::interval(RENEW_CHECK);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let r = registry.clone();
+        let renewed = tokio::task::spawn_blocking(move || r.renew_server_if_due()).await;
+        match renewed {
+            Ok(Ok(Some(identity))) => {
+                if let Err(e) = edge.set_server_identity(identity) {
+                    let _ = failed.send(Error::Edge(e)).await;
+                    return;
+                }
+            }
+            Ok(Ok(None)) => {}
+            // Renewal failing is serious but not yet fatal: the current
+            // certificate is still valid for days. Say so loudly and retry.
+            Ok(Err(e)) => error!(error = %e, "server certificate renewal failed"),
+            Err(_) => error!("server certificate renewal task panicked"),
+        }
+    }
+}

@@ -1,0 +1,1359 @@
+//! The network edge: hubd's own MQTT-over-mTLS listener in front of the
+//! rumqttd router.
+//!
+//! DESIGN.md ("The network edge") says why hubd owns this instead of rumqttd's
+//! server. In short, per connection:
+//!
+//! 1. The accept loop admits through a token bucket (excess waits a little, then
+//!    is refused) and a cap on pending handshakes; at the cap the *oldest* pending
+//!    handshake is evicted, so sockets that never send a byte cannot lock real
+//!    devices out.
+//! 2. The TLS handshake runs in the connection's own task with a timeout, using
+//!    the current `rustls::ServerConfig` from an `ArcSwap` (swapped live when the
+//!    CRL changes).
+//! 3. The device id comes from the verified certificate; the MQTT client id must
+//!    equal it (empty: assigned). The [`SessionGate`] decides the principal.
+//! 4. The CONNECT's protocol level picks rumqttd's v4 or v5 codec, so MQTT 3.1.1
+//!    and 5 share the port. Every PUBLISH and SUBSCRIBE passes `acl` before it
+//!    reaches the router through a local link, one per connection.
+//!
+//! Outgoing traffic goes through a bounded queue per connection to a writer
+//! task. The overflow policy for slow subscribers: a QoS 0 message that finds the
+//! queue full is dropped and counted (`dropped_slow_subscriber`); QoS 1 messages
+//! are never dropped here, because the router already paces them with its
+//! inflight window of 100 unacknowledged messages per connection.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::v5::V5;
+use rumqttd::protocol::{
+    self, ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Disconnect,
+    DisconnectReasonCode, LastWill, Packet, PingResp, Protocol, PubAck, PubAckReason, Publish,
+    PublishProperties, QoS, SubAck, Subscribe, SubscribeReasonCode,
+};
+use rumqttd::{Notification, Router, RouterConfig};
+use rustls::ServerConfig;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::acl::{self, Principal, TopicLimits};
+use crate::ca::{self, ServerIdentity};
+use crate::config::EdgeSection;
+use crate::model::DeviceId;
+
+/// Client id of the hub's own router link. `_` cannot appear in a device id,
+/// so it can never collide with one.
+const HUB_CLIENT_ID: &str = "_hub";
+
+/// Queue slots kept free for acknowledgements and QoS 1 messages: QoS 0
+/// messages are dropped rather than take them.
+const RESERVED_SLOTS: usize = 128;
+
+/// Longest a new connection may wait for an admission token before it is refused.
+const MAX_ADMISSION_DELAY: Duration = Duration::from_secs(2);
+
+/// Errors that stop the edge from starting or a hub publish from being sent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("tls: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("tls: client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("router: {0}")]
+    Link(#[from] LinkError),
+    #[error("router: link setup task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    #[error("mqtt listener: {0}")]
+    Listener(std::io::Error),
+    #[error("topic {topic:?}: {source}")]
+    Topic {
+        topic: String,
+        source: acl::TopicError,
+    },
+}
+
+/// What the edge asks of the device registry; implemented by the daemon so the
+/// edge does not depend on how devices are stored.
+pub trait SessionGate: Send + Sync + 'static {
+    /// The rights of a device whose certificate verified, or why it is refused
+    /// (unknown, revoked, ...).
+    fn admit(&self, id: &DeviceId, cert_serial: &str) -> Result<Principal, String>;
+    /// A session started (CONNACK sent).
+    fn session_started(&self, id: &DeviceId);
+    /// A session ended, for whatever reason.
+    fn session_ended(&self, id: &DeviceId);
+}
+
+/// Message and connection counters, reported by `Status`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// PUBLISH packets accepted from devices and passed to the router.
+    pub publishes_received: AtomicU64,
+    /// PUBLISH packets queued for devices.
+    pub publishes_sent: AtomicU64,
+    /// PUBLISH and SUBSCRIBE refused by the topic ACL.
+    pub acl_denied: AtomicU64,
+    /// QoS 0 messages dropped because a subscriber's queue was full.
+    pub dropped_slow_subscriber: AtomicU64,
+    /// Handshakes that completed with a valid client certificate.
+    pub handshakes_ok: AtomicU64,
+    /// Handshakes that failed, timed out or were evicted.
+    pub handshakes_failed: AtomicU64,
+    /// Connections closed by admission control before any handshake.
+    pub connections_refused: AtomicU64,
+    /// Connections whose admission was deferred by the token bucket.
+    pub connections_deferred: AtomicU64,
+    /// MQTT sessions refused after the handshake (identity, gate, will ACL).
+    pub sessions_refused: AtomicU64,
+    /// Malformed, oversized or unsupported packets that ended a connection.
+    pub protocol_errors: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Everything the TLS configuration is built from; kept so a new CRL or server
+/// certificate can be swapped in without a restart.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    /// The hub CA certificate: the only trust anchor for client certificates.
+    pub ca_der: CertificateDer<'static>,
+    /// The edge's certificate chain and key.
+    pub server: ServerIdentity,
+    /// The current CRL, DER.
+    pub crl: Vec<u8>,
+    /// Whether TLS 1.2 (ECDHE-ECDSA AEAD suites only) is offered.
+    pub allow_tls12: bool,
+}
+
+impl TlsMaterial {
+    /// Builds the rustls configuration from this material.
+    pub fn build(&self) -> Result<Arc<ServerConfig>, Error> {
+        tls_config(
+            self.ca_der.clone(),
+            &self.server,
+            vec![CertificateRevocationListDer::from(self.crl.clone())],
+            self.allow_tls12,
+        )
+    }
+}
+
+/// Builds the rustls server configuration: TLS 1.3 (and TLS 1.2 ECDHE-ECDSA
+/// AEAD suites only when `allow_tls12`), client certificates mandatory and
+/// chained to the hub CA, end-entity revocation checked against `crls`.
+pub fn tls_config(
+    ca_der: CertificateDer<'static>,
+    server: &ServerIdentity,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    allow_tls12: bool,
+) -> Result<Arc<ServerConfig>, Error> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.retain(|suite| match suite {
+        rustls::SupportedCipherSuite::Tls13(_) => true,
+        rustls::SupportedCipherSuite::Tls12(s) => {
+            allow_tls12 && s.sign.contains(&rustls::SignatureScheme::ECDSA_NISTP256_SHA256)
+        }
+    });
+    let provider = Arc::new(provider);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_der)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .with_crls(crls)
+        // The hub CA is the trust anchor itself; only device certificates can be revoked.
+        .only_check_end_entity_revocation()
+        .build()?;
+    let versions: &[&rustls::SupportedProtocolVersion] = if allow_tls12 {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(server.cert_chain.clone(), server.key.clone_key())?;
+    Ok(Arc::new(config))
+}
+
+/// Makes router links: a closure so the router's event type, which rumqttd
+/// does not export, never has to be named.
+type LinkFactory =
+    Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync>;
+
+/// A live device session, as the registry of sessions sees it.
+struct SessionEntry {
+    /// Distinguishes this session from a later one of the same device.
+    number: u64,
+    /// Cancelled to end the session (revoke, disconnect, takeover).
+    kick: CancellationToken,
+    /// Cancelled by the session task when it has fully ended, router link included.
+    ended: CancellationToken,
+}
+
+/// State shared by the accept loop, every connection task and the handle.
+struct Shared {
+    /// Edge settings from the config.
+    cfg: EdgeSection,
+    /// The live TLS configuration; swapped whole when the CRL changes.
+    tls: ArcSwap<ServerConfig>,
+    /// What `tls` was built from.
+    material: Mutex<TlsMaterial>,
+    /// Live sessions by device id.
+    sessions: Mutex<HashMap<DeviceId, SessionEntry>>,
+    /// Source of session numbers.
+    next_session: AtomicU64,
+    /// Counters for `Status`.
+    counters: Counters,
+    /// Makes a router link for a new session.
+    links: LinkFactory,
+    /// Decides who may hold a session.
+    gate: Arc<dyn SessionGate>,
+    /// The hub's own link, for commands and notices the hub publishes.
+    hub_tx: tokio::sync::Mutex<LinkTx>,
+    /// The bound MQTT address.
+    local_addr: SocketAddr,
+}
+
+/// A cloneable handle on the running edge: counters, kicks, live TLS swaps and
+/// hub publishes.
+#[derive(Clone)]
+pub struct EdgeHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for EdgeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeHandle")
+            .field("local_addr", &self.shared.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EdgeHandle {
+    /// The address the MQTT listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+
+    /// Devices with a live session.
+    pub fn connected(&self) -> Vec<DeviceId> {
+        lock(&self.shared.sessions).keys().cloned().collect()
+    }
+
+    pub fn is_connected(&self, id: &DeviceId) -> bool {
+        lock(&self.shared.sessions).contains_key(id)
+    }
+
+    /// Installs a new CRL for every handshake from now on (no restart).
+    pub fn set_crl(&self, crl: Vec<u8>) -> Result<(), Error> {
+        self.update_tls(|m| m.crl = crl)
+    }
+
+    /// Installs a renewed server certificate for every handshake from now on.
+    pub fn set_server_identity(&self, server: ServerIdentity) -> Result<(), Error> {
+        self.update_tls(|m| m.server = server)
+    }
+
+    fn update_tls(&self, change: impl FnOnce(&mut TlsMaterial)) -> Result<(), Error> {
+        let mut material = lock(&self.shared.material);
+        let mut next = material.clone();
+        change(&mut next);
+        let config = next.build()?;
+        *material = next;
+        self.shared.tls.store(config);
+        Ok(())
+    }
+
+    /// Ends the device's live session, if any, and waits (up to 1 s) until it
+    /// is gone. Returns whether there was one.
+    pub async fn disconnect(&self, id: &DeviceId) -> bool {
+        let ended = {
+            let sessions = lock(&self.shared.sessions);
+            match sessions.get(id) {
+                Some(entry) => {
+                    entry.kick.cancel();
+                    entry.ended.clone()
+                }
+                None => return false,
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(1), ended.cancelled())
+            .await
+            .is_err()
+        {
+            warn!(device = %id, "session did not end within 1 s of being kicked");
+        }
+        true
+    }
+
+    /// Publishes as the hub itself (no ACL: the hub may publish anywhere), at QoS 0.
+    pub async fn publish(&self, topic: &str, payload: Bytes, retain: bool) -> Result<(), Error> {
+        acl::validate_topic(topic, limits(&self.shared.cfg)).map_err(|source| Error::Topic {
+            topic: topic.to_owned(),
+            source,
+        })?;
+        let publish = Publish::new(Bytes::copy_from_slice(topic.as_bytes()), payload, retain);
+        let mut tx = self.shared.hub_tx.lock().await;
+        tx.send(Packet::Publish(publish, None)).await?;
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock leaves only a map of sessions behind,
+    // which stays consistent: keep going rather than take the daemon down.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn limits(cfg: &EdgeSection) -> TopicLimits {
+    TopicLimits {
+        max_len: cfg.max_topic_length,
+        max_depth: cfg.max_topic_depth,
+    }
+}
+
+fn router_config(cfg: &EdgeSection) -> RouterConfig {
+    // Every field is set: with RouterConfig::default() (max_connections 0) the
+    // router thread dies and every link fails with Recv(Disconnected).
+    RouterConfig {
+        // Device sessions plus the hub's own link and some slack for takeovers.
+        max_connections: cfg.max_connections + 16,
+        max_outgoing_packet_count: 200,
+        // Each topic filter's log holds at most 4 segments of 1 MiB (and at
+        // least one max-size packet), so a slow QoS 1 subscriber's backlog is
+        // bounded.
+        max_segment_size: (1024 * 1024).max(cfg.max_packet_size * 2),
+        max_segment_count: 4,
+        custom_segment: None,
+        initialized_filters: None,
+        shared_subscriptions_strategy: Default::default(),
+    }
+}
+
+/// Starts the rumqttd router and the edge's accept loop on `listener`. The
+/// accept loop and every connection task run on `tracker` until `shutdown`.
+pub async fn start(
+    cfg: EdgeSection,
+    material: TlsMaterial,
+    listener: TcpListener,
+    gate: Arc<dyn SessionGate>,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<EdgeHandle, Error> {
+    let local_addr = listener.local_addr().map_err(Error::Listener)?;
+    let tls = material.build()?;
+    let router_tx = Router::new(0, router_config(&cfg)).spawn();
+    let links: LinkFactory = Arc::new(move |client_id: &str, clean: bool| {
+        LinkBuilder::new(client_id, router_tx.clone())
+            .clean_session(clean)
+            .build()
+    });
+    let factory = links.clone();
+    let (hub_tx, mut hub_rx, _ack) =
+        tokio::task::spawn_blocking(move || factory(HUB_CLIENT_ID, true)).await??;
+    // The hub link only publishes at QoS 0, so the router sends it nothing;
+    // drain it anyway so a future acknowledgement can never pile up.
+    let drain_shutdown = shutdown.clone();
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = drain_shutdown.cancelled() => break,
+                n = hub_rx.next() => match n {
+                    Ok(Some(Notification::Unschedule)) => { let _ = hub_rx.wake().await; }
+                    Ok(_) => {}
+                    Err(_) => break,
+                },
+            }
+        }
+    });
+
+    let shared = Arc::new(Shared {
+        cfg,
+        tls: ArcSwap::new(tls),
+        material: Mutex::new(material),
+        sessions: Mutex::new(HashMap::new()),
+        next_session: AtomicU64::new(1),
+        counters: Counters::default(),
+        links,
+        gate,
+        hub_tx: tokio::sync::Mutex::new(hub_tx),
+        local_addr,
+    });
+    let handle = EdgeHandle {
+        shared: shared.clone(),
+    };
+    let inner_tracker = tracker.clone();
+    tracker.spawn(accept_loop(shared, listener, inner_tracker, shutdown));
+    Ok(handle)
+}
+
+/// Admission token bucket: `rate` tokens a second up to `burst`. A connection
+/// that finds it empty may borrow ahead (the bucket goes negative) and waits
+/// until its token would have arrived, up to [`MAX_ADMISSION_DELAY`].
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32, now: Instant) -> Self {
+        TokenBucket {
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            last: now,
+        }
+    }
+
+    /// How long the caller must wait before its token is valid, or `None` to refuse.
+    fn admit(&mut self, now: Instant) -> Option<Duration> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        let wait = if self.tokens >= 1.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
+        };
+        if wait > MAX_ADMISSION_DELAY {
+            return None;
+        }
+        self.tokens -= 1.0;
+        Some(wait)
+    }
+}
+
+/// Handshakes in progress, oldest first, so the oldest can be evicted when a
+/// new connection arrives at the cap.
+#[derive(Default)]
+struct Pending {
+    next: u64,
+    by_age: BTreeMap<u64, CancellationToken>,
+}
+
+/// Removes a handshake from [`Pending`] when it finishes, however it finishes.
+struct PendingGuard {
+    pending: Arc<Mutex<Pending>>,
+    key: u64,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        lock(&self.pending).by_age.remove(&self.key);
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let mut bucket = TokenBucket::new(
+        shared.cfg.admission_rate,
+        shared.cfg.admission_burst,
+        Instant::now(),
+    );
+    let pending = Arc::new(Mutex::new(Pending::default()));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Usually EMFILE/ENFILE: back off briefly instead of spinning.
+                    warn!(error = %e, "mqtt accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(delay) = bucket.admit(Instant::now()) else {
+            bump(&shared.counters.connections_refused);
+            debug!(%peer, "admission refused: rate limit");
+            continue;
+        };
+        if !delay.is_zero() {
+            bump(&shared.counters.connections_deferred);
+        }
+        if let Err(e) = tcp.set_nodelay(true) {
+            debug!(%peer, error = %e, "set_nodelay failed");
+        }
+        let evict = CancellationToken::new();
+        let guard = {
+            let mut p = lock(&pending);
+            while p.by_age.len() >= shared.cfg.max_concurrent_handshakes {
+                if let Some((_, oldest)) = p.by_age.pop_first() {
+                    oldest.cancel();
+                }
+            }
+            let key = p.next;
+            p.next += 1;
+            p.by_age.insert(key, evict.clone());
+            PendingGuard {
+                pending: pending.clone(),
+                key,
+            }
+        };
+        tracker.spawn(connection(
+            shared.clone(),
+            tcp,
+            peer,
+            delay,
+            evict,
+            guard,
+            shutdown.clone(),
+        ));
+    }
+    info!("mqtt listener closed");
+}
+
+async fn connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    delay: Duration,
+    evict: CancellationToken,
+    guard: PendingGuard,
+    shutdown: CancellationToken,
+) {
+    let acceptor = TlsAcceptor::from(shared.tls.load_full());
+    let handshake = async {
+        tokio::time::sleep(delay).await;
+        tokio::time::timeout(shared.cfg.handshake_timeout, acceptor.accept(tcp)).await
+    };
+    let tls = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = evict.cancelled() => {
+            bump(&shared.counters.handshakes_failed);
+            debug!(%peer, "pending handshake evicted to admit a newer connection");
+            return;
+        }
+        r = handshake => match r {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                bump(&shared.counters.handshakes_failed);
+                warn!(target: "security", %peer, error = %e, "tls handshake refused");
+                return;
+            }
+            Err(_) => {
+                bump(&shared.counters.handshakes_failed);
+                warn!(target: "security", %peer, "tls handshake timed out");
+                return;
+            }
+        },
+    };
+    drop(guard);
+
+    // The verifier has already checked the chain, validity and CRL; what is
+    // left is to read the identity the certificate names.
+    let identity = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .ok_or_else(|| "no client certificate".to_owned())
+        .and_then(|cert| {
+            let id = ca::device_id_from_cert(cert).map_err(|e| e.to_string())?;
+            let (serial, _) = ca::cert_serial_and_expiry(cert).map_err(|e| e.to_string())?;
+            Ok((id, serial))
+        });
+    let (id, serial) = match identity {
+        Ok(pair) => pair,
+        Err(reason) => {
+            bump(&shared.counters.handshakes_failed);
+            warn!(target: "security", %peer, %reason, "client certificate names no device");
+            return;
+        }
+    };
+    bump(&shared.counters.handshakes_ok);
+    debug!(%peer, device = %id, "tls handshake ok");
+    session(shared, tls, id, serial, peer, shutdown).await;
+}
+
+/// The MQTT codec for the protocol level in the CONNECT.
+enum Codec {
+    V4(V4),
+    V5(V5),
+}
+
+impl Codec {
+    fn read(&mut self, buf: &mut BytesMut, max: usize) -> Result<Packet, protocol::Error> {
+        match self {
+            Codec::V4(c) => c.read_mut(buf, max),
+            Codec::V5(c) => c.read_mut(buf, max),
+        }
+    }
+
+    fn write(&self, packet: Packet, buf: &mut BytesMut) -> Result<usize, protocol::Error> {
+        match self {
+            Codec::V4(c) => c.write(packet, buf),
+            Codec::V5(c) => c.write(packet, buf),
+        }
+    }
+
+    fn is_v5(&self) -> bool {
+        matches!(self, Codec::V5(_))
+    }
+}
+
+/// The protocol level of a CONNECT at the start of `buf`, `Ok(None)` if more
+/// bytes are needed, or an error if it is not a CONNECT at all.
+fn connect_level(buf: &[u8]) -> Result<Option<u8>, &'static str> {
+    let Some(&byte1) = buf.first() else {
+        return Ok(None);
+    };
+    if byte1 != 0x10 {
+        return Err("first packet is not CONNECT");
+    }
+    // Remaining length: 1 to 4 bytes, 7 bits each.
+    let mut header_len = 1;
+    loop {
+        let Some(&b) = buf.get(header_len) else {
+            return Ok(None);
+        };
+        header_len += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if header_len > 4 {
+            return Err("malformed remaining length");
+        }
+    }
+    let (Some(&hi), Some(&lo)) = (buf.get(header_len), buf.get(header_len + 1)) else {
+        return Ok(None);
+    };
+    let name_len = usize::from(u16::from_be_bytes([hi, lo]));
+    if name_len > 6 {
+        return Err("unknown protocol name");
+    }
+    Ok(buf.get(header_len + 2 + name_len).copied())
+}
+
+/// Why a session ended, which decides the will and the router clean-up.
+#[derive(Debug)]
+enum End {
+    /// The client sent DISCONNECT; `with_will` for v5 reason 0x04.
+    Clean { with_will: bool },
+    /// Revoked, disconnected by the admin, or taken over by a newer session.
+    Kicked,
+    /// The hub is shutting down.
+    Shutdown,
+    /// The socket closed or failed.
+    Network(#[expect(dead_code, reason = "read through Debug in the disconnect log line")] String),
+    /// No packet within 1.5 times the keep-alive.
+    KeepAlive,
+    /// A malformed or forbidden packet; the v5 reason to send, if any.
+    Protocol(String, Option<DisconnectReasonCode>),
+    /// The router dropped the link.
+    RouterGone,
+}
+
+/// Reads one whole packet, returning it with its first header byte (which
+/// carries a PUBLISH's QoS, hidden by rumqttd's `Publish`).
+async fn read_packet<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    codec: &mut Codec,
+    max: usize,
+) -> Result<(Packet, u8), End> {
+    loop {
+        let byte1 = buf.first().copied().unwrap_or(0);
+        match codec.read(buf, max) {
+            Ok(packet) => return Ok((packet, byte1)),
+            Err(protocol::Error::InsufficientBytes(_)) => {}
+            Err(protocol::Error::PayloadSizeLimitExceeded(n)) => {
+                return Err(End::Protocol(
+                    format!("packet exceeds max_packet_size by {n} bytes"),
+                    Some(DisconnectReasonCode::PacketTooLarge),
+                ));
+            }
+            Err(e) => {
+                return Err(End::Protocol(
+                    format!("malformed packet: {e}"),
+                    Some(DisconnectReasonCode::MalformedPacket),
+                ));
+            }
+        }
+        match rd.read_buf(buf).await {
+            Ok(0) => return Err(End::Network("connection closed by peer".into())),
+            Ok(_) => {}
+            Err(e) => return Err(End::Network(e.to_string())),
+        }
+    }
+}
+
+/// Builds a PUBLISH with the given QoS and packet id. rumqttd keeps those
+/// fields crate-private, so go through its own wire format.
+fn publish_with_qos(topic: Bytes, payload: Bytes, qos: QoS, retain: bool, pkid: u16) -> Publish {
+    let mut raw = BytesMut::from(&Publish::new(topic, payload, retain).serialize()[..]);
+    raw[0] = (raw[0] & !0b0110) | ((qos as u8) << 1);
+    raw[1..3].copy_from_slice(&pkid.to_be_bytes());
+    Publish::deserialize(raw.freeze())
+}
+
+/// The packet id of a PUBLISH (0 for QoS 0).
+fn publish_pkid(publish: &Publish) -> u16 {
+    let raw = publish.serialize();
+    u16::from_be_bytes([raw[1], raw[2]])
+}
+
+/// One session's mutable state, owned by its task.
+struct Conn {
+    shared: Arc<Shared>,
+    id: DeviceId,
+    principal: Principal,
+    codec: Codec,
+    /// Encoded packets for the writer task.
+    out: mpsc::Sender<Bytes>,
+    /// Scratch buffer for encoding.
+    enc: BytesMut,
+    /// The router link's sending side.
+    link_tx: LinkTx,
+    /// The router link's receiving side.
+    link_rx: LinkRx,
+    /// SUBSCRIBEs partly refused: pkid -> the reason code per filter, `None`
+    /// where the router's answer goes.
+    pending_subs: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
+    /// Refused PUBLISHes so far.
+    violations: u32,
+}
+
+impl Conn {
+    /// Queues a packet for the writer, waiting for room.
+    async fn send(&mut self, packet: Packet) -> Result<(), End> {
+        self.codec
+            .write(packet, &mut self.enc)
+            .map_err(|e| End::Protocol(format!("cannot encode packet: {e}"), None))?;
+        let frame = self.enc.split().freeze();
+        self.out
+            .send(frame)
+            .await
+            .map_err(|_| End::Network("writer closed".into()))
+    }
+
+    /// Refuses a session-ending packet with the v5 reason, or just closes (v4).
+    fn protocol_error(&self, what: String, reason: DisconnectReasonCode) -> End {
+        bump(&self.shared.counters.protocol_errors);
+        warn!(target: "security", device = %self.id, %what, "protocol error");
+        End::Protocol(what, Some(reason))
+    }
+
+    /// Handles one packet from the device. Packets for the router are collected
+    /// in `to_router` and sent in one batch.
+    async fn incoming(
+        &mut self,
+        packet: Packet,
+        byte1: u8,
+        to_router: &mut Vec<Packet>,
+    ) -> Result<(), End> {
+        match packet {
+            Packet::Publish(publish, props) => self.incoming_publish(publish, props, byte1, to_router).await,
+            Packet::Subscribe(subscribe, props) => {
+                self.incoming_subscribe(subscribe, props, to_router).await
+            }
+            Packet::Unsubscribe(u, p) => {
+                to_router.push(Packet::Unsubscribe(u, p));
+                Ok(())
+            }
+            Packet::PubAck(a, p) => {
+                to_router.push(Packet::PubAck(a, p));
+                Ok(())
+            }
+            Packet::PingReq(_) => self.send(Packet::PingResp(PingResp)).await,
+            Packet::Disconnect(d, _) => Err(End::Clean {
+                with_will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+            }),
+            Packet::PubRec(..) | Packet::PubRel(..) | Packet::PubComp(..) => Err(self
+                .protocol_error("QoS 2 is not supported".into(), DisconnectReasonCode::QoSNotSupported)),
+            other => Err(self.protocol_error(
+                format!("unexpected {} from a client", packet_name(&other)),
+                DisconnectReasonCode::ProtocolError,
+            )),
+        }
+    }
+
+    async fn incoming_publish(
+        &mut self,
+        publish: Publish,
+        props: Option<PublishProperties>,
+        byte1: u8,
+        to_router: &mut Vec<Packet>,
+    ) -> Result<(), End> {
+        let qos = (byte1 >> 1) & 0b11;
+        if qos > 1 {
+            return Err(self.protocol_error(
+                "QoS 2 PUBLISH: the hub supports QoS 0 and 1".into(),
+                DisconnectReasonCode::QoSNotSupported,
+            ));
+        }
+        if props.as_ref().is_some_and(|p| p.topic_alias.is_some()) {
+            // CONNACK advertised a topic alias maximum of 0; aliases would also
+            // hide the real topic from the ACL.
+            return Err(self.protocol_error(
+                "topic alias used but not offered".into(),
+                DisconnectReasonCode::TopicAliasInvalid,
+            ));
+        }
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            return Err(self.protocol_error(
+                "topic is not UTF-8".into(),
+                DisconnectReasonCode::TopicNameInvalid,
+            ));
+        };
+        if let Err(e) = acl::validate_topic(topic, limits(&self.shared.cfg)) {
+            return Err(self.protocol_error(
+                format!("publish topic {topic:?}: {e}"),
+                DisconnectReasonCode::TopicNameInvalid,
+            ));
+        }
+        if acl::check_publish(&self.principal, topic) {
+            bump(&self.shared.counters.publishes_received);
+            to_router.push(Packet::Publish(publish, props));
+            return Ok(());
+        }
+        bump(&self.shared.counters.acl_denied);
+        self.violations += 1;
+        warn!(target: "security", device = %self.id, %topic, "publish denied by acl");
+        if qos == 1 {
+            // v5 says why; v3.1.1 has no negative PUBACK, so the message is
+            // acknowledged and discarded (as Mosquitto does) to stop retries.
+            let reason = if self.codec.is_v5() {
+                PubAckReason::NotAuthorized
+            } else {
+                PubAckReason::Success
+            };
+            let pkid = publish_pkid(&publish);
+            self.send(Packet::PubAck(PubAck { pkid, reason }, None)).await?;
+        }
+        if self.violations >= self.shared.cfg.max_acl_violations {
+            return Err(End::Protocol(
+                format!("{} publishes denied by the acl", self.violations),
+                Some(DisconnectReasonCode::NotAuthorized),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn incoming_subscribe(
+        &mut self,
+        mut subscribe: Subscribe,
+        props: Option<rumqttd::protocol::SubscribeProperties>,
+        to_router: &mut Vec<Packet>,
+    ) -> Result<(), End> {
+        let v5 = self.codec.is_v5();
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let mut allowed = Vec::with_capacity(subscribe.filters.len());
+        for mut filter in std::mem::take(&mut subscribe.filters) {
+            let refusal = match acl::validate_filter(&filter.path, limits(&self.shared.cfg)) {
+                Err(e) => {
+                    warn!(device = %self.id, filter = %filter.path, error = %e, "invalid subscription");
+                    Some(SubscribeReasonCode::TopicFilterInvalid)
+                }
+                Ok(()) if !acl::check_subscribe(&self.principal, &filter.path) => {
+                    bump(&self.shared.counters.acl_denied);
+                    warn!(target: "security", device = %self.id, filter = %filter.path, "subscribe denied by acl");
+                    Some(SubscribeReasonCode::NotAuthorized)
+                }
+                Ok(()) => None,
+            };
+            match refusal {
+                // MQTT 3.1.1 has one failure code, 0x80.
+                Some(_) if !v5 => codes.push(Some(SubscribeReasonCode::Failure)),
+                Some(code) => codes.push(Some(code)),
+                None => {
+                    // QoS 2 is granted as QoS 1, which MQTT allows.
+                    if filter.qos == QoS::ExactlyOnce {
+                        filter.qos = QoS::AtLeastOnce;
+                    }
+                    codes.push(None);
+                    allowed.push(filter);
+                }
+            }
+        }
+        if allowed.is_empty() {
+            let return_codes = codes.into_iter().flatten().collect();
+            let suback = SubAck {
+                pkid: subscribe.pkid,
+                return_codes,
+            };
+            return self.send(Packet::SubAck(suback, None)).await;
+        }
+        if codes.iter().any(Option::is_some) {
+            self.pending_subs.insert(subscribe.pkid, codes);
+        }
+        subscribe.filters = allowed;
+        to_router.push(Packet::Subscribe(subscribe, props));
+        Ok(())
+    }
+
+    /// Fills the refused filters' codes into the router's SUBACK.
+    fn merge_suback(&mut self, mut suback: SubAck) -> SubAck {
+        if let Some(template) = self.pending_subs.remove(&suback.pkid) {
+            let mut from_router = suback.return_codes.into_iter();
+            suback.return_codes = template
+                .into_iter()
+                .map(|code| {
+                    code.or_else(|| from_router.next())
+                        .unwrap_or(SubscribeReasonCode::Failure)
+                })
+                .collect();
+        }
+        suback
+    }
+
+    /// Passes a batch of packets to the router with one wake-up.
+    async fn flush_to_router(&mut self, batch: &mut Vec<Packet>) -> Result<(), End> {
+        let Some(last) = batch.pop() else {
+            return Ok(());
+        };
+        self.link_tx.buffer().extend(batch.drain(..));
+        // `send` pushes the last packet and notifies the router once for all.
+        // It blocks only if the router's 1000-event queue is full.
+        self.link_tx
+            .send(last)
+            .await
+            .map(|_| ())
+            .map_err(|_| End::RouterGone)
+    }
+
+    /// Handles one notification from the router. Returns true when the router
+    /// asked to be woken after this batch.
+    async fn notification(&mut self, n: Notification) -> Result<bool, End> {
+        match n {
+            Notification::Forward(forward) => {
+                let qos0 = forward.publish.serialize()[0] & 0b0110 == 0;
+                if qos0 && self.out.capacity() <= RESERVED_SLOTS {
+                    bump(&self.shared.counters.dropped_slow_subscriber);
+                    return Ok(false);
+                }
+                bump(&self.shared.counters.publishes_sent);
+                self.send(Packet::Publish(forward.publish, forward.properties))
+                    .await?;
+                Ok(false)
+            }
+            Notification::Unschedule => Ok(true),
+            Notification::Disconnect(d, p) => {
+                if self.codec.is_v5() {
+                    self.send(Packet::Disconnect(d, p)).await?;
+                }
+                Err(End::RouterGone)
+            }
+            other => {
+                let packet: Option<Packet> = other.into();
+                match packet {
+                    Some(Packet::SubAck(s, p)) => {
+                        let merged = self.merge_suback(s);
+                        self.send(Packet::SubAck(merged, p)).await?;
+                    }
+                    // The session's CONNACK was written by the edge itself.
+                    Some(Packet::ConnAck(..)) | None => {}
+                    Some(packet) => self.send(packet).await?,
+                }
+                Ok(false)
+            }
+        }
+    }
+}
+
+fn packet_name(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(..) => "CONNECT",
+        Packet::ConnAck(..) => "CONNACK",
+        Packet::Publish(..) => "PUBLISH",
+        Packet::PubAck(..) => "PUBACK",
+        Packet::PingReq(..) => "PINGREQ",
+        Packet::PingResp(..) => "PINGRESP",
+        Packet::Subscribe(..) => "SUBSCRIBE",
+        Packet::SubAck(..) => "SUBACK",
+        Packet::PubRec(..) => "PUBREC",
+        Packet::PubRel(..) => "PUBREL",
+        Packet::PubComp(..) => "PUBCOMP",
+        Packet::Unsubscribe(..) => "UNSUBSCRIBE",
+        Packet::UnsubAck(..) => "UNSUBACK",
+        Packet::Disconnect(..) => "DISCONNECT",
+    }
+}
+
+/// Writes queued frames to the socket in batches, then closes TLS cleanly.
+async fn writer<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Bytes>) {
+    let mut batch = BytesMut::with_capacity(16 * 1024);
+    while let Some(first) = rx.recv().await {
+        batch.extend_from_slice(&first);
+        while batch.len() < 64 * 1024 {
+            match rx.try_recv() {
+                Ok(more) => batch.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if wr.write_all(&batch).await.is_err() || wr.flush().await.is_err() {
+            return;
+        }
+        batch.clear();
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Writes a refusing CONNACK straight to the socket and closes it.
+async fn refuse(
+    shared: &Shared,
+    mut tls: TlsStream<TcpStream>,
+    codec: &Codec,
+    code: ConnectReturnCode,
+    peer: SocketAddr,
+    id: &DeviceId,
+    why: &str,
+) {
+    bump(&shared.counters.sessions_refused);
+    warn!(target: "security", %peer, device = %id, reason = why, "mqtt session refused");
+    let mut buf = BytesMut::new();
+    let ack = ConnAck {
+        session_present: false,
+        code,
+    };
+    let props = codec.is_v5().then(|| ConnAckProperties {
+        reason_string: Some(why.to_owned()),
+        ..Default::default()
+    });
+    if codec.write(Packet::ConnAck(ack, props), &mut buf).is_ok() {
+        let _ = tls.write_all(&buf).await;
+    }
+    let _ = tls.shutdown().await;
+}
+
+/// Reads the CONNECT, checks identity and rights, then runs the session.
+async fn session(
+    shared: Arc<Shared>,
+    mut tls: TlsStream<TcpStream>,
+    id: DeviceId,
+    serial: String,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let max = shared.cfg.max_packet_size;
+    let mut buf = BytesMut::with_capacity(4096);
+
+    // The CONNECT must arrive within connect_timeout, and says which codec to use.
+    let first = tokio::time::timeout(shared.cfg.connect_timeout, async {
+        loop {
+            match connect_level(&buf) {
+                Ok(Some(level)) => return Ok(level),
+                Ok(None) => {}
+                Err(e) => return Err(e.to_owned()),
+            }
+            match tls.read_buf(&mut buf).await {
+                Ok(0) => return Err("connection closed before CONNECT".to_owned()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    let level = match first {
+        Ok(Ok(level)) => level,
+        Ok(Err(why)) => {
+            bump(&shared.counters.protocol_errors);
+            warn!(target: "security", %peer, device = %id, reason = %why, "no valid CONNECT");
+            return;
+        }
+        Err(_) => {
+            bump(&shared.counters.protocol_errors);
+            warn!(target: "security", %peer, device = %id, "no CONNECT within connect_timeout");
+            return;
+        }
+    };
+    let mut codec = match level {
+        4 => Codec::V4(V4),
+        5 => Codec::V5(V5),
+        other => {
+            let why = format!("mqtt protocol level {other} is not supported (use 3.1.1 or 5)");
+            refuse(&shared, tls, &Codec::V4(V4), ConnectReturnCode::RefusedProtocolVersion, peer, &id, &why).await;
+            return;
+        }
+    };
+    let connect_read = tokio::time::timeout(
+        shared.cfg.connect_timeout,
+        read_packet(&mut tls, &mut buf, &mut codec, max),
+    )
+    .await;
+    let (connect, will) = match connect_read {
+        Ok(Ok((Packet::Connect(c, _props, will, _will_props, _login), _))) => (c, will),
+        Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
+            bump(&shared.counters.protocol_errors);
+            warn!(target: "security", %peer, device = %id, "malformed CONNECT");
+            return;
+        }
+    };
+    let Connect {
+        keep_alive,
+        client_id,
+        clean_session,
+    } = connect;
+
+    if !client_id.is_empty() && client_id != id.as_str() {
+        let why = format!("client id {client_id:?} does not match certificate device id {id}");
+        refuse(&shared, tls, &codec, ConnectReturnCode::ClientIdentifierNotValid, peer, &id, &why).await;
+        return;
+    }
+    let principal = match shared.gate.admit(&id, &serial) {
+        Ok(p) => p,
+        Err(why) => {
+            refuse(&shared, tls, &codec, ConnectReturnCode::NotAuthorized, peer, &id, &why).await;
+            return;
+        }
+    };
+    if let Some(w) = &will {
+        let allowed = std::str::from_utf8(&w.topic).is_ok_and(|t| {
+            acl::validate_topic(t, limits(&shared.cfg)).is_ok() && acl::check_publish(&principal, t)
+        });
+        if !allowed {
+            let why = "last will topic is not one this device may publish to";
+            refuse(&shared, tls, &codec, ConnectReturnCode::NotAuthorized, peer, &id, why).await;
+            return;
+        }
+    }
+    if lock(&shared.sessions).len() >= shared.cfg.max_connections
+        && !lock(&shared.sessions).contains_key(&id)
+    {
+        let code = if codec.is_v5() {
+            ConnectReturnCode::ServerBusy
+        } else {
+            ConnectReturnCode::ServiceUnavailable
+        };
+        refuse(&shared, tls, &codec, code, peer, &id, "too many connections").await;
+        return;
+    }
+
+    // Register, taking over any older session of the same device. The old one
+    // must be fully gone (its router link removed) before the new link is
+    // made, or its clean-up could remove the new link.
+    let number = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let kick = CancellationToken::new();
+    let ended = CancellationToken::new();
+    let previous = lock(&shared.sessions).insert(
+        id.clone(),
+        SessionEntry {
+            number,
+            kick: kick.clone(),
+            ended: ended.clone(),
+        },
+    );
+    // From here on the entry must be removed and `ended` cancelled on every path.
+    let _ended_guard = ended.clone().drop_guard();
+    if let Some(old) = previous {
+        info!(device = %id, "new session takes over the previous one");
+        old.kick.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), old.ended.cancelled()).await;
+    }
+
+    let links = shared.links.clone();
+    let link_id = id.to_string();
+    let link = tokio::task::spawn_blocking(move || links(&link_id, clean_session)).await;
+    let (link_tx, link_rx, ack) = match link {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => {
+            warn!(device = %id, error = %e, "router refused the link");
+            forget_session(&shared, &id, number);
+            refuse(&shared, tls, &codec, ConnectReturnCode::ServerUnavailable, peer, &id, "router unavailable").await;
+            return;
+        }
+        Err(e) => {
+            warn!(device = %id, error = %e, "router link task failed");
+            forget_session(&shared, &id, number);
+            return;
+        }
+    };
+    let session_present = match Option::<Packet>::from(ack) {
+        Some(Packet::ConnAck(ack, _)) => ack.session_present,
+        _ => false,
+    };
+
+    let (rd, wr): (ReadHalf<_>, WriteHalf<_>) = tokio::io::split(tls);
+    let (out_tx, out_rx) = mpsc::channel(shared.cfg.outgoing_queue + RESERVED_SLOTS);
+    let writer_task = tokio::spawn(writer(wr, out_rx));
+    let mut conn = Conn {
+        shared: shared.clone(),
+        id: id.clone(),
+        principal,
+        codec,
+        out: out_tx,
+        enc: BytesMut::with_capacity(4096),
+        link_tx,
+        link_rx,
+        pending_subs: HashMap::new(),
+        violations: 0,
+    };
+    let props = conn.codec.is_v5().then(|| ConnAckProperties {
+        assigned_client_identifier: client_id.is_empty().then(|| id.to_string()),
+        max_qos: Some(1),
+        retain_available: Some(1),
+        max_packet_size: u32::try_from(max).ok(),
+        topic_alias_max: Some(0),
+        wildcard_subscription_available: Some(1),
+        subscription_identifiers_available: Some(0),
+        shared_subscription_available: Some(0),
+        ..Default::default()
+    });
+    let connack = Packet::ConnAck(
+        ConnAck {
+            session_present,
+            code: ConnectReturnCode::Success,
+        },
+        props,
+    );
+    let end = match conn.send(connack).await {
+        Err(end) => end,
+        Ok(()) => {
+            shared.gate.session_started(&id);
+            info!(%peer, device = %id, v5 = conn.codec.is_v5(), "device connected");
+            run_session(&mut conn, rd, buf, keep_alive, &kick, &shutdown).await
+        }
+    };
+
+    // Clean-up: v5 DISCONNECT with a reason, the will, the router link.
+    let v5_reason = match &end {
+        End::Kicked => Some(DisconnectReasonCode::AdministrativeAction),
+        End::Shutdown => Some(DisconnectReasonCode::ServerShuttingDown),
+        End::KeepAlive => Some(DisconnectReasonCode::KeepAliveTimeout),
+        End::Protocol(_, reason) => *reason,
+        End::Clean { .. } | End::Network(_) | End::RouterGone => None,
+    };
+    if let (Some(reason_code), true) = (v5_reason, conn.codec.is_v5()) {
+        let _ = conn
+            .send(Packet::Disconnect(Disconnect { reason_code }, None))
+            .await;
+    }
+    let publish_will = !matches!(end, End::Clean { with_will: false });
+    if let (true, Some(LastWill { topic, message, qos, retain })) = (publish_will, will) {
+        let publish = publish_with_qos(topic, message, qos, retain, 1);
+        let _ = conn
+            .flush_to_router(&mut vec![Packet::Publish(publish, None)])
+            .await;
+    }
+    if !matches!(end, End::RouterGone) {
+        // The router forgets the link (and, for clean sessions, its subscriptions).
+        let _ = conn.flush_to_router(&mut vec![Packet::Disconnect(
+            Disconnect {
+                reason_code: DisconnectReasonCode::NormalDisconnection,
+            },
+            None,
+        )])
+        .await;
+    }
+    drop(conn);
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
+    forget_session(&shared, &id, number);
+    shared.gate.session_ended(&id);
+    info!(%peer, device = %id, reason = ?end, "device disconnected");
+}
+
+/// Removes the session entry if it is still ours (a takeover may have replaced it).
+fn forget_session(shared: &Shared, id: &DeviceId, number: u64) {
+    let mut sessions = lock(&shared.sessions);
+    if sessions.get(id).is_some_and(|e| e.number == number) {
+        sessions.remove(id);
+    }
+}
+
+/// The session's main loop: device packets in, router notifications out.
+async fn run_session<R: AsyncRead + Unpin>(
+    conn: &mut Conn,
+    mut rd: R,
+    mut buf: BytesMut,
+    keep_alive: u16,
+    kick: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> End {
+    // MQTT: the server may close after 1.5 times the keep-alive without a packet.
+    let idle_limit = (keep_alive > 0).then(|| Duration::from_secs(u64::from(keep_alive)) * 3 / 2);
+    let mut deadline = idle_limit.map(|d| tokio::time::Instant::now() + d);
+    let max = conn.shared.cfg.max_packet_size;
+    let mut to_router = Vec::new();
+    loop {
+        let keepalive_expired = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = kick.cancelled() => return End::Kicked,
+            _ = shutdown.cancelled() => return End::Shutdown,
+            _ = keepalive_expired => return End::KeepAlive,
+            read = read_packet(&mut rd, &mut buf, &mut conn.codec, max) => {
+                let (packet, byte1) = match read {
+                    Ok(p) => p,
+                    Err(End::Protocol(what, reason)) => {
+                        bump(&conn.shared.counters.protocol_errors);
+                        warn!(target: "security", device = %conn.id, %what, "protocol error");
+                        return End::Protocol(what, reason);
+                    }
+                    Err(end) => return end,
+                };
+                deadline = idle_limit.map(|d| tokio::time::Instant::now() + d);
+                if let Err(end) = conn.incoming(packet, byte1, &mut to_router).await {
+                    let _ = conn.flush_to_router(&mut to_router).await;
+                    return end;
+                }
+                // Take every other whole packet already buffered, so the router
+                // is woken once per read rather than once per packet.
+                loop {
+                    let byte1 = buf.first().copied().unwrap_or(0);
+                    match conn.codec.read(&mut buf, max) {
+                        Ok(packet) => {
+                            if let Err(end) = conn.incoming(packet, byte1, &mut to_router).await {
+                                let _ = conn.flush_to_router(&mut to_router).await;
+                                return end;
+                            }
+                        }
+                        Err(protocol::Error::InsufficientBytes(_)) => break,
+                        Err(e) => {
+                            let _ = conn.flush_to_router(&mut to_router).await;
+                            bump(&conn.shared.counters.protocol_errors);
+                            return End::Protocol(format!("malformed packet: {e}"), Some(DisconnectReasonCode::MalformedPacket));
+                        }
+                    }
+                }
+                if let Err(end) = conn.flush_to_router(&mut to_router).await {
+                    return end;
+                }
+            }
+            n = conn.link_rx.next() => {
+                let mut wake = false;
+                match n {
+                    Ok(Some(n)) => match conn.notification(n).await {
+                        Ok(w) => wake |= w,
+                        Err(end) => return end,
+                    },
+                    Ok(None) => {}
+                    Err(_) => return End::RouterGone,
+                }
+                if wake && conn.link_rx.wake().await.is_err() {
+                    return End::RouterGone;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,850 @@
+//! The hub's persistent store: redb behind one module, with typed records.
+//!
+//! redb is the only database hubd uses, and no other module names it, so the
+//! choice stays in one place (see DESIGN.md, "Storage"). Tables are keyed by
+//! opaque ids (device ids, certificate serials, fixed meta keys), never by
+//! names a householder typed, so a key never leaks personal data.
+//!
+//! Values are JSON for now. They pass through [`Store::encode`] and
+//! [`Store::decode`], the single seam where AEAD encryption under the data key
+//! will go; both already receive the table and key so that the ciphertext can
+//! be bound to its slot (as associated data) when encryption arrives.
+//!
+//! Durability: every write whose success the caller reports to a user is
+//! committed with redb's default `Durability::Immediate` (fsync) before the
+//! method returns. The one exception, [`Store::touch_last_seen`], says so.
+//!
+//! All methods block on disk I/O; async callers run them in
+//! `tokio::task::spawn_blocking`.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::model::DeviceId;
+
+/// The layout version this hubd writes. A store with a greater version was
+/// written by a newer hubd and is refused rather than misread.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Device records, keyed by device id.
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+/// Certificate records, keyed by lowercase hex serial.
+const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certs");
+/// Store-wide counters and the schema version, keyed by the names below.
+/// Meta values are plain JSON and will stay unencrypted: the schema version
+/// must be readable before the data key is, and none of it is personal.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+const META_SCHEMA_VERSION: &str = "schema_version";
+const META_CRL_NUMBER: &str = "crl_number";
+
+/// redb's page cache limit. Its default is 1 GiB, as much as a small
+/// Raspberry Pi has in all; the hub's working set is a few megabytes.
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Whether a device may still connect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    Active,
+    Revoked,
+}
+
+/// A paired device. Times are Unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    #[serde(with = "device_id_serde")]
+    pub id: DeviceId,
+    /// The name the householder gave it (personal data: encrypted once the
+    /// encryption seam is filled).
+    pub name: String,
+    pub state: DeviceState,
+    pub created_at: i64,
+    pub last_seen: i64,
+    /// Serial (lowercase hex) of the device's current certificate.
+    pub cert_serial: String,
+    pub cert_not_after: i64,
+}
+
+/// A certificate the hub's CA issued to a device. Times are Unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRecord {
+    pub serial_hex: String,
+    #[serde(with = "device_id_serde")]
+    pub device: DeviceId,
+    pub issued_at: i64,
+    pub not_after: i64,
+    /// Set once, when the certificate is revoked; it then belongs on the CRL.
+    pub revoked_at: Option<i64>,
+}
+
+/// `DeviceId` is stored as its string and re-validated on the way in, so a
+/// tampered record cannot smuggle a malformed id into topics or SANs.
+mod device_id_serde {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::model::DeviceId;
+
+    pub fn serialize<S: Serializer>(id: &DeviceId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(id.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DeviceId, D::Error> {
+        let text = String::deserialize(d)?;
+        DeviceId::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Why a store operation failed. Every message names the store file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be created or opened as a redb database (missing
+    /// parent, permissions, another process holds it, corrupt file).
+    #[error("store {}: cannot open: {source}", .path.display())]
+    Open { path: PathBuf, source: redb::Error },
+    /// redb failed during a transaction (I/O error, corruption).
+    #[error("store {}: {source}", .path.display())]
+    Db { path: PathBuf, source: redb::Error },
+    /// The file was written by a newer hubd.
+    #[error(
+        "store {} has schema version {found} but this hubd supports up to {supported}: refusing to open (upgrade hubd)",
+        .path.display()
+    )]
+    SchemaTooNew {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    /// The record to create is already there; nothing was written.
+    #[error("store {}: table {table} already holds key {key:?}", .path.display())]
+    Exists {
+        path: PathBuf,
+        table: &'static str,
+        key: String,
+    },
+    /// A stored value cannot be decoded or contradicts its key.
+    #[error("store {}: table {table}, key {key:?}: corrupt value: {detail}", .path.display())]
+    Corrupt {
+        path: PathBuf,
+        table: &'static str,
+        key: String,
+        detail: String,
+    },
+    /// A value could not be encoded; nothing was written.
+    #[error("store {}: table {table}, key {key:?}: cannot encode value: {detail}", .path.display())]
+    Encode {
+        path: PathBuf,
+        table: &'static str,
+        key: String,
+        detail: String,
+    },
+    /// The caller passed records that do not belong together; nothing was
+    /// written. Refused because a certificate filed under the wrong device
+    /// would escape that device's revocation.
+    #[error("store {}: {detail}", .path.display())]
+    Mismatch { path: PathBuf, detail: String },
+}
+
+/// Attaches the store path to redb's errors, so `?` reads cleanly below.
+trait DbContext<T> {
+    fn ctx(self, path: &Path) -> Result<T, Error>;
+}
+
+impl<T, E: Into<redb::Error>> DbContext<T> for Result<T, E> {
+    fn ctx(self, path: &Path) -> Result<T, Error> {
+        self.map_err(|e| Error::Db {
+            path: path.to_owned(),
+            source: e.into(),
+        })
+    }
+}
+
+/// A handle on the open store. Cloning is cheap and shares one database;
+/// the file is closed (and any non-durable commits made durable) when the
+/// last clone is dropped.
+#[derive(Clone)]
+pub struct Store {
+    /// The database; redb serialises write transactions internally.
+    db: Arc<Database>,
+    /// The file, for error messages.
+    path: Arc<Path>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens or creates the redb file at `path` (its parent must exist) and
+    /// makes sure the tables `devices`, `certs` and `meta` exist.
+    ///
+    /// `meta["schema_version"]` absent (a new file) is set to
+    /// [`SCHEMA_VERSION`]; a greater version is refused with
+    /// [`Error::SchemaTooNew`] and the file is left untouched by hubd.
+    pub fn open(path: &Path) -> Result<Store, Error> {
+        let open_err = |source: redb::Error| Error::Open {
+            path: path.to_owned(),
+            source,
+        };
+        create_private(path).map_err(|e| open_err(e.into()))?;
+        // The integrity check makes a file damaged outside redb (disk error,
+        // tampering) fail to open with an error; without it redb may panic
+        // on such a file. It reads the whole file, which for a hub's store
+        // is a few megabytes, once per start.
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .set_check_integrity_on_open(true)
+            .create(path)
+            .map_err(|e| open_err(e.into()))?;
+        let store = Store {
+            db: Arc::new(db),
+            path: Arc::from(path),
+        };
+        store.init_schema()?;
+        Ok(store)
+    }
+
+    /// The store file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn init_schema(&self) -> Result<(), Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_write().ctx(path)?;
+        let found = {
+            let meta = txn.open_table(META).ctx(path)?;
+            txn.open_table(DEVICES).ctx(path)?;
+            txn.open_table(CERTS).ctx(path)?;
+            self.meta_get::<u32>(&meta, META_SCHEMA_VERSION)?
+        };
+        match found {
+            None => {
+                let mut meta = txn.open_table(META).ctx(path)?;
+                self.meta_put(&mut meta, META_SCHEMA_VERSION, &SCHEMA_VERSION)?;
+            }
+            Some(found) if found > SCHEMA_VERSION => {
+                // Abort so that not even the empty tables are added to a file
+                // that a newer hubd owns.
+                txn.abort().ctx(path)?;
+                return Err(Error::SchemaTooNew {
+                    path: path.to_owned(),
+                    found,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+            Some(found) if found < SCHEMA_VERSION => {
+                // Migrations from older layouts go here when there is one; no
+                // hubd has ever written a version below 1.
+                txn.abort().ctx(path)?;
+                return Err(self.corrupt(
+                    "meta",
+                    META_SCHEMA_VERSION,
+                    format!("schema version {found} predates every hubd release"),
+                ));
+            }
+            Some(_) => {}
+        }
+        txn.commit().ctx(path)
+    }
+
+    /// Records a newly paired device and its first certificate in one
+    /// durable transaction. If the device id or the certificate serial is
+    /// already taken, returns [`Error::Exists`] and writes nothing.
+    pub fn enroll(&self, device: &DeviceRecord, cert: &CertRecord) -> Result<(), Error> {
+        let path = &*self.path;
+        if cert.device != device.id || cert.serial_hex != device.cert_serial {
+            return Err(Error::Mismatch {
+                path: path.to_owned(),
+                detail: format!(
+                    "certificate {} of device {} does not match device {} with certificate {}",
+                    cert.serial_hex, cert.device, device.id, device.cert_serial
+                ),
+            });
+        }
+        let id = device.id.as_str();
+        let device_bytes = self.encode("devices", id, device)?;
+        let cert_bytes = self.encode("certs", &cert.serial_hex, cert)?;
+
+        let txn = self.db.begin_write().ctx(path)?;
+        {
+            let mut devices = txn.open_table(DEVICES).ctx(path)?;
+            let mut certs = txn.open_table(CERTS).ctx(path)?;
+            if devices.get(id).ctx(path)?.is_some() {
+                return Err(self.exists("devices", id));
+            }
+            if certs.get(cert.serial_hex.as_str()).ctx(path)?.is_some() {
+                return Err(self.exists("certs", &cert.serial_hex));
+            }
+            devices.insert(id, device_bytes.as_slice()).ctx(path)?;
+            certs
+                .insert(cert.serial_hex.as_str(), cert_bytes.as_slice())
+                .ctx(path)?;
+        }
+        // Returning early above drops the transaction, which aborts it.
+        txn.commit().ctx(path)
+    }
+
+    /// The device with this id, if any.
+    pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_read().ctx(path)?;
+        let devices = txn.open_table(DEVICES).ctx(path)?;
+        let Some(bytes) = devices.get(id.as_str()).ctx(path)? else {
+            return Ok(None);
+        };
+        self.decode_device(id.as_str(), bytes.value()).map(Some)
+    }
+
+    /// Every device, in id order.
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>, Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_read().ctx(path)?;
+        let devices = txn.open_table(DEVICES).ctx(path)?;
+        let mut out = Vec::new();
+        for entry in devices.iter().ctx(path)? {
+            let (key, value) = entry.ctx(path)?;
+            out.push(self.decode_device(key.value(), value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Marks the device `Revoked` and sets `revoked_at` on every one of its
+    /// certificates not yet revoked, in one durable transaction, so the
+    /// device and its certificates can never disagree after a crash.
+    /// Returns the updated record, or `None` if the id is unknown. Revoking
+    /// a revoked device changes nothing already revoked.
+    pub fn revoke_device(&self, id: &DeviceId, at: i64) -> Result<Option<DeviceRecord>, Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_write().ctx(path)?;
+        let updated = {
+            let mut devices = txn.open_table(DEVICES).ctx(path)?;
+            let mut certs = txn.open_table(CERTS).ctx(path)?;
+            let current = match devices.get(id.as_str()).ctx(path)? {
+                Some(bytes) => self.decode_device(id.as_str(), bytes.value())?,
+                None => return Ok(None),
+            };
+            let mut device = current;
+            device.state = DeviceState::Revoked;
+            let bytes = self.encode("devices", id.as_str(), &device)?;
+            devices.insert(id.as_str(), bytes.as_slice()).ctx(path)?;
+
+            // A full scan: a hub holds hundreds of certificates, not
+            // millions, and an index table would be one more thing to keep
+            // consistent.
+            let mut to_revoke = Vec::new();
+            for entry in certs.iter().ctx(path)? {
+                let (key, value) = entry.ctx(path)?;
+                let cert = self.decode_cert(key.value(), value.value())?;
+                if cert.device == *id && cert.revoked_at.is_none() {
+                    to_revoke.push(cert);
+                }
+            }
+            for mut cert in to_revoke {
+                cert.revoked_at = Some(at);
+                let bytes = self.encode("certs", &cert.serial_hex, &cert)?;
+                certs
+                    .insert(cert.serial_hex.as_str(), bytes.as_slice())
+                    .ctx(path)?;
+            }
+            device
+        };
+        txn.commit().ctx(path)?;
+        Ok(Some(updated))
+    }
+
+    /// Every revoked certificate: the content of the next CRL.
+    pub fn revoked_certs(&self) -> Result<Vec<CertRecord>, Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_read().ctx(path)?;
+        let certs = txn.open_table(CERTS).ctx(path)?;
+        let mut out = Vec::new();
+        for entry in certs.iter().ctx(path)? {
+            let (key, value) = entry.ctx(path)?;
+            let cert = self.decode_cert(key.value(), value.value())?;
+            if cert.revoked_at.is_some() {
+                out.push(cert);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The certificate with this serial (lowercase hex), if any.
+    pub fn cert(&self, serial_hex: &str) -> Result<Option<CertRecord>, Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_read().ctx(path)?;
+        let certs = txn.open_table(CERTS).ctx(path)?;
+        let Some(bytes) = certs.get(serial_hex).ctx(path)? else {
+            return Ok(None);
+        };
+        self.decode_cert(serial_hex, bytes.value()).map(Some)
+    }
+
+    /// Sets the device's `last_seen`. An unknown id is not an error: there is
+    /// nothing to update, and whoever saw the device decides what that means.
+    ///
+    /// Not durable on return. `last_seen` changes at connection rate and is
+    /// not something a user was told was saved, so this commits with redb's
+    /// `Durability::None` and skips the fsync. redb keeps such a commit in
+    /// memory (readers see it at once) and writes it to disk only with the
+    /// next durable commit: any other write of this store, [`Store::flush`],
+    /// or the clean close when the last `Store` clone is dropped. A crash or
+    /// power cut loses the `last_seen` updates made since then, nothing else.
+    /// The daemon calls `flush` now and then to bound that loss, and because
+    /// redb cannot reuse freed pages until a durable commit.
+    pub fn touch_last_seen(&self, id: &DeviceId, at: i64) -> Result<(), Error> {
+        let path = &*self.path;
+        let mut txn = self.db.begin_write().ctx(path)?;
+        txn.set_durability(Durability::None).ctx(path)?;
+        {
+            let mut devices = txn.open_table(DEVICES).ctx(path)?;
+            let mut device = match devices.get(id.as_str()).ctx(path)? {
+                Some(bytes) => self.decode_device(id.as_str(), bytes.value())?,
+                None => return Ok(()),
+            };
+            device.last_seen = at;
+            let bytes = self.encode("devices", id.as_str(), &device)?;
+            devices.insert(id.as_str(), bytes.as_slice()).ctx(path)?;
+        }
+        txn.commit().ctx(path)
+    }
+
+    /// Makes every earlier non-durable commit (see
+    /// [`Store::touch_last_seen`]) durable, with an empty durable commit.
+    pub fn flush(&self) -> Result<(), Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_write().ctx(path)?;
+        txn.commit().ctx(path)
+    }
+
+    /// The next CRL number: persisted in `meta`, durable before it is
+    /// returned, so a number is never handed out twice, not even across a
+    /// crash. The first is 1.
+    pub fn next_crl_number(&self) -> Result<u64, Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_write().ctx(path)?;
+        let next = {
+            let mut meta = txn.open_table(META).ctx(path)?;
+            let current = self.meta_get::<u64>(&meta, META_CRL_NUMBER)?.unwrap_or(0);
+            let next = current.checked_add(1).ok_or_else(|| {
+                self.corrupt(
+                    "meta",
+                    META_CRL_NUMBER,
+                    "CRL number at its maximum".to_owned(),
+                )
+            })?;
+            self.meta_put(&mut meta, META_CRL_NUMBER, &next)?;
+            next
+        };
+        txn.commit().ctx(path)?;
+        Ok(next)
+    }
+
+    /// The schema version recorded in the file.
+    pub fn schema_version(&self) -> Result<u32, Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_read().ctx(path)?;
+        let meta = txn.open_table(META).ctx(path)?;
+        self.meta_get::<u32>(&meta, META_SCHEMA_VERSION)?
+            .ok_or_else(|| self.corrupt("meta", META_SCHEMA_VERSION, "missing".to_owned()))
+    }
+
+    // The encryption seam. Every record value goes through these two
+    // functions and nothing else reads or writes record bytes.
+
+    fn encode<T: Serialize>(
+        &self,
+        table: &'static str,
+        key: &str,
+        value: &T,
+    ) -> Result<Vec<u8>, Error> {
+        serde_json::to_vec(value).map_err(|e| Error::Encode {
+            path: self.path.to_path_buf(),
+            table,
+            key: key.to_owned(),
+            detail: e.to_string(),
+        })
+    }
+
+    fn decode<T: DeserializeOwned>(
+        &self,
+        table: &'static str,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<T, Error> {
+        serde_json::from_slice(bytes).map_err(|e| self.corrupt(table, key, e.to_string()))
+    }
+
+    /// Decodes a device and checks that it is filed under its own id, so a
+    /// record copied to another key cannot impersonate another device.
+    fn decode_device(&self, key: &str, bytes: &[u8]) -> Result<DeviceRecord, Error> {
+        let device: DeviceRecord = self.decode("devices", key, bytes)?;
+        if device.id.as_str() != key {
+            return Err(self.corrupt(
+                "devices",
+                key,
+                format!("record is for device {}", device.id),
+            ));
+        }
+        Ok(device)
+    }
+
+    fn decode_cert(&self, key: &str, bytes: &[u8]) -> Result<CertRecord, Error> {
+        let cert: CertRecord = self.decode("certs", key, bytes)?;
+        if cert.serial_hex != key {
+            return Err(self.corrupt(
+                "certs",
+                key,
+                format!("record is for serial {}", cert.serial_hex),
+            ));
+        }
+        Ok(cert)
+    }
+
+    fn meta_get<T: DeserializeOwned>(
+        &self,
+        meta: &impl ReadableTable<&'static str, &'static [u8]>,
+        key: &'static str,
+    ) -> Result<Option<T>, Error> {
+        match meta.get(key).ctx(&self.path)? {
+            Some(bytes) => serde_json::from_slice(bytes.value())
+                .map(Some)
+                .map_err(|e| self.corrupt("meta", key, e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    fn meta_put<T: Serialize>(
+        &self,
+        meta: &mut redb::Table<&'static str, &'static [u8]>,
+        key: &'static str,
+        value: &T,
+    ) -> Result<(), Error> {
+        let bytes = serde_json::to_vec(value).map_err(|e| Error::Encode {
+            path: self.path.to_path_buf(),
+            table: "meta",
+            key: key.to_owned(),
+            detail: e.to_string(),
+        })?;
+        meta.insert(key, bytes.as_slice()).ctx(&self.path)?;
+        Ok(())
+    }
+
+    fn corrupt(&self, table: &'static str, key: &str, detail: String) -> Error {
+        Error::Corrupt {
+            path: self.path.to_path_buf(),
+            table,
+            key: key.to_owned(),
+            detail,
+        }
+    }
+
+    fn exists(&self, table: &'static str, key: &str) -> Error {
+        Error::Exists {
+            path: self.path.to_path_buf(),
+            table,
+            key: key.to_owned(),
+        }
+    }
+}
+
+/// Creates the store file readable by hubd alone (0600) if it does not exist
+/// yet. redb would create it with the umask's mode; the state directory is
+/// private already, and this keeps the file private even if it is not.
+fn create_private(path: &Path) -> io::Result<()> {
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(id: &str, serial: &str) -> (DeviceRecord, CertRecord) {
+        let id = DeviceId::parse(id).unwrap();
+        let device = DeviceRecord {
+            id: id.clone(),
+            name: "Kitchen sensor".to_owned(),
+            state: DeviceState::Active,
+            created_at: 1_700_000_000,
+            last_seen: 1_700_000_000,
+            cert_serial: serial.to_owned(),
+            cert_not_after: 1_800_000_000,
+        };
+        let cert = CertRecord {
+            serial_hex: serial.to_owned(),
+            device: id,
+            issued_at: 1_700_000_000,
+            not_after: 1_800_000_000,
+            revoked_at: None,
+        };
+        (device, cert)
+    }
+
+    fn temp_store() -> (tempfile::TempDir, PathBuf, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.redb");
+        let store = Store::open(&path).unwrap();
+        (dir, path, store)
+    }
+
+    #[test]
+    fn open_creates_tables_and_schema() {
+        let (_dir, path, store) = temp_store();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        assert!(store.devices().unwrap().is_empty());
+        assert!(store.revoked_certs().unwrap().is_empty());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn missing_parent_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("no/such/hub.redb");
+        let msg = Store::open(&path).unwrap_err().to_string();
+        assert!(
+            msg.starts_with(&format!("store {}: cannot open", path.display())),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn garbage_file_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.redb");
+        std::fs::write(&path, vec![0x5a; 64 * 1024]).unwrap();
+        let err = Store::open(&path).unwrap_err();
+        assert!(matches!(err, Error::Open { .. }), "{err}");
+    }
+
+    #[test]
+    fn enrolled_device_survives_reopen() {
+        let (_dir, path, store) = temp_store();
+        let (d, c) = device("dev-1", "0a1b");
+        store.enroll(&d, &c).unwrap();
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.device(&d.id).unwrap(), Some(d.clone()));
+        assert_eq!(store.devices().unwrap(), vec![d]);
+        assert_eq!(store.cert("0a1b").unwrap(), Some(c));
+        assert_eq!(store.cert("ffff").unwrap(), None);
+        assert_eq!(
+            store.device(&DeviceId::parse("other").unwrap()).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn duplicate_enroll_is_refused_and_changes_nothing() {
+        let (_dir, _path, store) = temp_store();
+        let (d, c) = device("dev-1", "0a1b");
+        store.enroll(&d, &c).unwrap();
+
+        // Same id, new certificate: refused, and the new cert is not stored.
+        let (mut d2, c2) = device("dev-1", "0c0d");
+        d2.name = "Impostor".to_owned();
+        let err = store.enroll(&d2, &c2).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Exists {
+                    table: "devices",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("hub.redb"), "{err}");
+        assert_eq!(store.device(&d.id).unwrap(), Some(d.clone()));
+        assert_eq!(store.cert("0c0d").unwrap(), None);
+
+        // New id, certificate serial already taken: refused, device not stored.
+        let (d3, c3) = device("dev-3", "0a1b");
+        let err = store.enroll(&d3, &c3).unwrap_err();
+        assert!(matches!(err, Error::Exists { table: "certs", .. }), "{err}");
+        assert_eq!(store.device(&d3.id).unwrap(), None);
+        assert_eq!(store.cert("0a1b").unwrap(), Some(c));
+        assert_eq!(store.devices().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn mismatched_cert_is_refused() {
+        let (_dir, _path, store) = temp_store();
+        let (d, _) = device("dev-1", "0a1b");
+        let (_, c) = device("dev-2", "0a1b");
+        assert!(matches!(store.enroll(&d, &c), Err(Error::Mismatch { .. })));
+        assert!(store.devices().unwrap().is_empty());
+    }
+
+    #[test]
+    fn revoke_marks_device_and_certs() {
+        let (_dir, path, store) = temp_store();
+        let (d1, c1) = device("dev-1", "01");
+        let (d2, c2) = device("dev-2", "02");
+        store.enroll(&d1, &c1).unwrap();
+        store.enroll(&d2, &c2).unwrap();
+
+        let revoked = store.revoke_device(&d1.id, 1_750_000_000).unwrap().unwrap();
+        assert_eq!(revoked.state, DeviceState::Revoked);
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.device(&d1.id).unwrap().unwrap().state,
+            DeviceState::Revoked
+        );
+        assert_eq!(
+            store.device(&d2.id).unwrap().unwrap().state,
+            DeviceState::Active
+        );
+        let crl = store.revoked_certs().unwrap();
+        assert_eq!(crl.len(), 1);
+        assert_eq!(crl[0].serial_hex, "01");
+        assert_eq!(crl[0].revoked_at, Some(1_750_000_000));
+        assert_eq!(store.cert("02").unwrap().unwrap().revoked_at, None);
+
+        // Revoking again keeps the first revocation time.
+        store.revoke_device(&d1.id, 1_760_000_000).unwrap().unwrap();
+        assert_eq!(
+            store.cert("01").unwrap().unwrap().revoked_at,
+            Some(1_750_000_000)
+        );
+
+        let unknown = DeviceId::parse("nobody").unwrap();
+        assert_eq!(store.revoke_device(&unknown, 1).unwrap(), None);
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let (_dir, path, store) = temp_store();
+        drop(store);
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut meta = txn.open_table(META).unwrap();
+                let newer = serde_json::to_vec(&(SCHEMA_VERSION + 1)).unwrap();
+                meta.insert(META_SCHEMA_VERSION, newer.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let err = Store::open(&path).unwrap_err();
+        assert!(
+            matches!(err, Error::SchemaTooNew { found, supported, .. } if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "store {} has schema version {} but this hubd supports up to {}: refusing to open (upgrade hubd)",
+                path.display(),
+                SCHEMA_VERSION + 1,
+                SCHEMA_VERSION
+            )
+        );
+    }
+
+    #[test]
+    fn crl_number_increases_across_reopen() {
+        let (_dir, path, store) = temp_store();
+        assert_eq!(store.next_crl_number().unwrap(), 1);
+        assert_eq!(store.next_crl_number().unwrap(), 2);
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.next_crl_number().unwrap(), 3);
+    }
+
+    #[test]
+    fn last_seen_is_visible_at_once_and_kept_by_a_clean_close() {
+        let (_dir, path, store) = temp_store();
+        let (d, c) = device("dev-1", "01");
+        store.enroll(&d, &c).unwrap();
+        store.touch_last_seen(&d.id, 1_700_000_500).unwrap();
+        assert_eq!(
+            store.device(&d.id).unwrap().unwrap().last_seen,
+            1_700_000_500
+        );
+        store
+            .touch_last_seen(&DeviceId::parse("nobody").unwrap(), 1)
+            .unwrap();
+
+        // A durable commit after the non-durable one persists both.
+        store.touch_last_seen(&d.id, 1_700_000_600).unwrap();
+        store.flush().unwrap();
+        store.touch_last_seen(&d.id, 1_700_000_700).unwrap();
+        let clone = store.clone();
+        drop(store);
+        drop(clone);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.device(&d.id).unwrap().unwrap().last_seen,
+            1_700_000_700
+        );
+    }
+
+    #[test]
+    fn corrupt_value_names_table_and_key() {
+        let (_dir, path, store) = temp_store();
+        drop(store);
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut devices = txn.open_table(DEVICES).unwrap();
+                devices.insert("dev-9", b"{not json".as_slice()).unwrap();
+                // A valid record filed under someone else's id.
+                let (d, _) = device("dev-1", "01");
+                let moved = serde_json::to_vec(&d).unwrap();
+                devices.insert("dev-8", moved.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let err = store
+            .device(&DeviceId::parse("dev-9").unwrap())
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("table devices, key \"dev-9\": corrupt value"),
+            "{msg}"
+        );
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        let err = store
+            .device(&DeviceId::parse("dev-8").unwrap())
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("record is for device dev-1"),
+            "{err}"
+        );
+        assert!(store.devices().is_err());
+    }
+
+    #[test]
+    fn device_ids_are_revalidated_on_read() {
+        let json = br#"{"id":"Bad/Id","name":"x","state":"Active","created_at":0,"last_seen":0,"cert_serial":"01","cert_not_after":0}"#;
+        assert!(serde_json::from_slice::<DeviceRecord>(json).is_err());
+    }
+}
