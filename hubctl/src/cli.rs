@@ -4,6 +4,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use clap::builder::TypedValueParser;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -20,7 +21,10 @@ pub(crate) struct Cli {
         global = true,
         env = "HUBD_SOCKET",
         hide_env_values = true,
-        value_name = "PATH"
+        value_name = "PATH",
+        // Accepts empty values so that `HUBD_SOCKET=` means unset, as in
+        // `parse`; an empty `--socket` is refused there.
+        value_parser = clap::builder::OsStringValueParser::new().map(PathBuf::from)
     )]
     pub(crate) socket: Option<PathBuf>,
 
@@ -141,6 +145,16 @@ where
         Some(ValueSource::CommandLine)
     );
     let socket = if from_command_line {
+        if cli
+            .socket
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(cmd.error(
+                clap::error::ErrorKind::InvalidValue,
+                "--socket: the path cannot be empty",
+            ));
+        }
         cli.socket
     } else {
         env("HUBD_SOCKET")
@@ -195,5 +209,12 @@ mod tests {
         }
         let e = parse_with(&["hubctl", "--socket", "", "status"], &[]).expect_err("empty");
         assert_eq!(e.exit_code(), 2);
+        // An empty HUBD_SOCKET is unset, not an error.
+        let inv = parse_with(
+            &["hubctl", "status"],
+            &[("HUBD_SOCKET", ""), ("HOME", "/h")],
+        )
+        .expect("parses");
+        assert_eq!(inv.socket, Path::new("/h/.local/share/hubd/hubd.sock"));
     }
 }

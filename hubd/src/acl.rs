@@ -42,6 +42,8 @@ pub enum TopicError {
     WildcardInName,
     #[error("topic contains a NUL character")]
     Nul,
+    #[error("topic contains a control character")]
+    Control,
     #[error("'#' must be the last level of a filter, alone in its level")]
     BadMultiLevelWildcard,
     #[error("'+' must stand alone in its level")]
@@ -92,6 +94,11 @@ fn check_common(s: &str, limits: TopicLimits) -> Result<(), TopicError> {
     if s.contains('\0') {
         return Err(TopicError::Nul);
     }
+    // MQTT says topics SHOULD NOT hold control characters; refusing them also
+    // frees U+0001 for the edge's internal `$` escape.
+    if s.chars().any(char::is_control) {
+        return Err(TopicError::Control);
+    }
     Ok(())
 }
 
@@ -104,10 +111,7 @@ pub fn check_publish(who: &Principal, topic: &str) -> bool {
             let Some(rest) = own_suffix(id, topic) else {
                 return false;
             };
-            rest == "state"
-                || rest == "meta"
-                || under(rest, "event")
-                || under(rest, "ack")
+            rest == "state" || rest == "meta" || under(rest, "event") || under(rest, "ack")
         }
         Principal::Isolated(id) => {
             matches!(own_suffix(id, topic), Some("state") | Some("meta"))
@@ -259,8 +263,16 @@ mod tests {
             validate_topic("a/+", LIMITS),
             Err(TopicError::WildcardInName)
         );
-        assert_eq!(validate_topic("a/#", LIMITS), Err(TopicError::WildcardInName));
+        assert_eq!(
+            validate_topic("a/#", LIMITS),
+            Err(TopicError::WildcardInName)
+        );
         assert_eq!(validate_topic("a\0b", LIMITS), Err(TopicError::Nul));
+        assert_eq!(validate_topic("a\u{1}b", LIMITS), Err(TopicError::Control));
+        assert_eq!(
+            validate_filter("\u{1}hub/#", LIMITS),
+            Err(TopicError::Control)
+        );
         assert!(matches!(
             validate_topic(&"x".repeat(257), LIMITS),
             Err(TopicError::TooLong { len: 257, .. })

@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use hub_proto::v1 as pb;
 use hub_proto::v1::admin_server::{Admin, AdminServer};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
@@ -58,12 +59,13 @@ pub async fn bind_admin_socket(path: &Path, group: &str) -> Result<UnixListener,
         path: path.to_owned(),
         source,
     };
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.exists() {
-            std::fs::create_dir_all(parent).map_err(bind_err)?;
-            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))
-                .map_err(bind_err)?;
-        }
+    if let Some(parent) = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty() && !p.exists())
+    {
+        std::fs::create_dir_all(parent).map_err(bind_err)?;
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))
+            .map_err(bind_err)?;
     }
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
@@ -79,7 +81,9 @@ pub async fn bind_admin_socket(path: &Path, group: &str) -> Result<UnixListener,
                 warn!(socket = %path.display(), %group, error = %e, "cannot give the admin socket to the admin group");
             }
         }
-        Ok(None) => info!(%group, "admin group does not exist: only root and the hubd user may administer"),
+        Ok(None) => {
+            info!(%group, "admin group does not exist: only root and the hubd user may administer")
+        }
         Err(e) => warn!(%group, error = %e, "cannot look up the admin group"),
     }
     Ok(listener)
@@ -96,7 +100,13 @@ pub struct Caller {
 
 /// The admission rule, pure so it can be tested without other users: root,
 /// the daemon's own uid, or a member (primary or supplementary) of the admin group.
-pub fn may_administer(uid: u32, gid: u32, own_uid: u32, admin_gid: Option<u32>, groups: &[u32]) -> bool {
+pub fn may_administer(
+    uid: u32,
+    gid: u32,
+    own_uid: u32,
+    admin_gid: Option<u32>,
+    groups: &[u32],
+) -> bool {
     uid == 0
         || uid == own_uid
         || admin_gid.is_some_and(|admin| gid == admin || groups.contains(&admin))
@@ -113,7 +123,10 @@ fn caller_of(stream: &UnixStream, admin_group: &str) -> Caller {
         };
     };
     let (uid, gid) = (cred.uid(), cred.gid());
-    let admin_gid = Group::from_name(admin_group).ok().flatten().map(|g| g.gid.as_raw());
+    let admin_gid = Group::from_name(admin_group)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw());
     let groups = match (admin_gid, User::from_uid(Uid::from_raw(uid))) {
         (Some(_), Ok(Some(user))) => {
             let name = std::ffi::CString::new(user.name).unwrap_or_default();
@@ -147,13 +160,21 @@ impl Connected for AdminConn {
 }
 
 impl AsyncRead for AdminConn {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for AdminConn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
 
@@ -279,7 +300,29 @@ async fn blocking<T: Send + 'static>(
 
 #[tonic::async_trait]
 impl Admin for Service {
-    async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    type WatchStream =
+        Pin<Box<dyn futures::Stream<Item = Result<pb::WatchMessage, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let filter = req.into_inner().filter;
+        let rx = self.state.edge.watch(&filter).await?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|m| {
+            Ok(pb::WatchMessage {
+                topic: m.topic,
+                payload: m.payload.to_vec(),
+                retain: m.retain,
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         let registry = self.state.registry.clone();
         let known = blocking(move || registry.devices().map(|d| d.len())).await?;
         let c = self.state.edge.counters();
@@ -319,12 +362,18 @@ impl Admin for Service {
         Ok(Response::new(pb::ListDevicesResponse { devices }))
     }
 
-    async fn get_device(&self, req: Request<pb::GetDeviceRequest>) -> Result<Response<pb::Device>, Status> {
+    async fn get_device(
+        &self,
+        req: Request<pb::GetDeviceRequest>,
+    ) -> Result<Response<pb::Device>, Status> {
         let id = parse_id("id", &req.into_inner().id)?;
         let registry = self.state.registry.clone();
         let lookup = id.clone();
         let device = blocking(move || registry.device(&lookup)).await?;
-        Ok(Response::new(device_to_pb(&device, self.state.edge.is_connected(&id))))
+        Ok(Response::new(device_to_pb(
+            &device,
+            self.state.edge.is_connected(&id),
+        )))
     }
 
     async fn enroll_device(
@@ -332,7 +381,8 @@ impl Admin for Service {
         req: Request<pb::EnrollDeviceRequest>,
     ) -> Result<Response<pb::EnrollDeviceResponse>, Status> {
         let req = req.into_inner();
-        let name = DeviceName::parse(&req.name).map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
+        let name = DeviceName::parse(&req.name)
+            .map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
         if req.csr_pem.len() > MAX_CSR_BYTES {
             return Err(Status::invalid_argument(format!(
                 "csr_pem: {} bytes, more than the limit of {MAX_CSR_BYTES}",
@@ -378,10 +428,15 @@ impl Admin for Service {
         let lookup = id.clone();
         blocking(move || registry.device(&lookup)).await?;
         let was_connected = self.state.edge.disconnect(&id).await;
-        Ok(Response::new(pb::DisconnectDeviceResponse { was_connected }))
+        Ok(Response::new(pb::DisconnectDeviceResponse {
+            was_connected,
+        }))
     }
 
-    async fn publish(&self, req: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+    async fn publish(
+        &self,
+        req: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
         let req = req.into_inner();
         if req.payload.len() > self.state.max_payload {
             return Err(Status::invalid_argument(format!(

@@ -46,7 +46,9 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("state dir {path} has mode {mode:04o}: it must not be accessible by group or others (chmod 700 {path})")]
+    #[error(
+        "state dir {path} has mode {mode:04o}: it must not be accessible by group or others (chmod 700 {path})"
+    )]
     StateDirMode { path: PathBuf, mode: u32 },
     #[error(transparent)]
     Ca(#[from] ca::Error),
@@ -123,7 +125,11 @@ impl SessionGate for Gate {
 ///
 /// `config.hub.state_dir` must be set (the caller resolves it, see
 /// [`Config::resolve_state_dir`]).
-pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), Error> {
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let started = Instant::now();
     let state_dir = match &config.hub.state_dir {
         Some(dir) => dir.clone(),
@@ -227,7 +233,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     ] {
         stop.cancel();
         tasks.close();
-        if tokio::time::timeout_at(deadline, tasks.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, tasks.wait())
+            .await
+            .is_err()
+        {
             warn!(subsystem = name, "did not stop in time");
         }
     }

@@ -31,13 +31,13 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
-use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
-    self, ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Disconnect,
-    DisconnectReasonCode, LastWill, Packet, PingResp, Protocol, PubAck, PubAckReason, Publish,
-    PublishProperties, QoS, SubAck, Subscribe, SubscribeReasonCode,
+    self, ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode,
+    LastWill, Packet, PingResp, Protocol, PubAck, PubAckReason, Publish, PublishProperties, QoS,
+    SubAck, Subscribe, SubscribeReasonCode,
 };
 use rumqttd::{Notification, Router, RouterConfig};
 use rustls::ServerConfig;
@@ -65,6 +65,44 @@ const HUB_CLIENT_ID: &str = "_hub";
 /// messages are dropped rather than take them.
 const RESERVED_SLOTS: usize = 128;
 
+/// rumqttd's router refuses every subscription that starts with `$` (other
+/// than `$share/`), so `$hub/...` topics are kept in the router with this
+/// character in place of the leading `$`, and mapped back on the way out.
+/// Nothing from outside can name it: `acl` refuses control characters.
+const ROUTER_DOLLAR: char = '\u{1}';
+
+/// A device-facing topic or filter as the router stores it.
+fn escape_dollar(topic: &str) -> String {
+    match topic.strip_prefix('$') {
+        Some(rest) => format!("{ROUTER_DOLLAR}{rest}"),
+        None => topic.to_owned(),
+    }
+}
+
+/// The same, for a topic that is already bytes (PUBLISH, will).
+fn escape_dollar_bytes(topic: Bytes) -> Bytes {
+    if topic.first() == Some(&b'$') {
+        let mut escaped = BytesMut::with_capacity(topic.len());
+        escaped.extend_from_slice(&[ROUTER_DOLLAR as u8]);
+        escaped.extend_from_slice(&topic[1..]);
+        escaped.freeze()
+    } else {
+        topic
+    }
+}
+
+/// A router topic as devices and the admin API see it.
+fn unescape_dollar_bytes(topic: Bytes) -> Bytes {
+    if topic.first() == Some(&(ROUTER_DOLLAR as u8)) {
+        let mut unescaped = BytesMut::with_capacity(topic.len());
+        unescaped.extend_from_slice(b"$");
+        unescaped.extend_from_slice(&topic[1..]);
+        unescaped.freeze()
+    } else {
+        topic
+    }
+}
+
 /// Longest a new connection may wait for an admission token before it is refused.
 const MAX_ADMISSION_DELAY: Duration = Duration::from_secs(2);
 
@@ -76,7 +114,7 @@ pub enum Error {
     #[error("tls: client verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("router: {0}")]
-    Link(#[from] LinkError),
+    Link(String),
     #[error("router: link setup task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
     #[error("mqtt listener: {0}")]
@@ -168,7 +206,9 @@ pub fn tls_config(
     provider.cipher_suites.retain(|suite| match suite {
         rustls::SupportedCipherSuite::Tls13(_) => true,
         rustls::SupportedCipherSuite::Tls12(s) => {
-            allow_tls12 && s.sign.contains(&rustls::SignatureScheme::ECDSA_NISTP256_SHA256)
+            allow_tls12
+                && s.sign
+                    .contains(&rustls::SignatureScheme::ECDSA_NISTP256_SHA256)
         }
     });
     let provider = Arc::new(provider);
@@ -194,7 +234,7 @@ pub fn tls_config(
 /// Makes router links: a closure so the router's event type, which rumqttd
 /// does not export, never has to be named.
 type LinkFactory =
-    Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync>;
+    Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), String> + Send + Sync>;
 
 /// A live device session, as the registry of sessions sees it.
 struct SessionEntry {
@@ -228,6 +268,18 @@ struct Shared {
     hub_tx: tokio::sync::Mutex<LinkTx>,
     /// The bound MQTT address.
     local_addr: SocketAddr,
+    /// Source of unique client ids for the hub's watch links.
+    next_watch: AtomicU64,
+    /// Cancels watch tasks at shutdown.
+    shutdown: CancellationToken,
+}
+
+/// A message the hub saw on a watched filter.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub retain: bool,
 }
 
 /// A cloneable handle on the running edge: counters, kicks, live TLS swaps and
@@ -312,10 +364,97 @@ impl EdgeHandle {
             topic: topic.to_owned(),
             source,
         })?;
-        let publish = Publish::new(Bytes::copy_from_slice(topic.as_bytes()), payload, retain);
+        let publish = Publish::new(Bytes::from(escape_dollar(topic)), payload, retain);
         let mut tx = self.shared.hub_tx.lock().await;
-        tx.send(Packet::Publish(publish, None)).await?;
+        tx.send(Packet::Publish(publish, None))
+            .await
+            .map_err(|e| Error::Link(e.to_string()))?;
         Ok(())
+    }
+}
+
+impl EdgeHandle {
+    /// Subscribes the hub itself to `filter` (no ACL: the hub may read
+    /// anything) and streams what it receives. Returns once the router has
+    /// acknowledged the subscription, so nothing published afterwards is
+    /// missed. Messages that find the stream full (1024) are dropped and
+    /// counted as `dropped_slow_subscriber`. The watch ends when the receiver
+    /// is dropped or the hub shuts down.
+    pub async fn watch(&self, filter: &str) -> Result<mpsc::Receiver<Message>, Error> {
+        acl::validate_filter(filter, limits(&self.shared.cfg)).map_err(|source| Error::Topic {
+            topic: filter.to_owned(),
+            source,
+        })?;
+        let n = self.shared.next_watch.fetch_add(1, Ordering::Relaxed);
+        let links = self.shared.links.clone();
+        let (mut tx, mut rx, _) =
+            tokio::task::spawn_blocking(move || links(&format!("{HUB_CLIENT_ID}-watch-{n}"), true))
+                .await?
+                .map_err(Error::Link)?;
+        tx.subscribe(escape_dollar(filter))
+            .map_err(|e| Error::Link(e.to_string()))?;
+        // Wait for the SUBACK so the caller knows the subscription is live.
+        let acked = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match rx.next().await? {
+                    Some(n @ Notification::DeviceAck(_)) => {
+                        if matches!(Option::<Packet>::from(n), Some(Packet::SubAck(..))) {
+                            return Ok::<(), rumqttd::local::LinkError>(());
+                        }
+                    }
+                    Some(Notification::Unschedule) => rx.wake().await?,
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        match acked {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Error::Link(e.to_string())),
+            Err(_) => return Err(Error::Link("no SUBACK for the hub's watch".into())),
+        }
+        let (out, out_rx) = mpsc::channel(1024);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            loop {
+                let n = tokio::select! {
+                    _ = out.closed() => break,
+                    _ = shared.shutdown.cancelled() => break,
+                    n = rx.next() => n,
+                };
+                match n {
+                    Ok(Some(Notification::Forward(f))) => {
+                        let message = Message {
+                            topic: String::from_utf8_lossy(&unescape_dollar_bytes(
+                                f.publish.topic.clone(),
+                            ))
+                            .into_owned(),
+                            retain: f.publish.retain,
+                            payload: f.publish.payload,
+                        };
+                        if let Err(mpsc::error::TrySendError::Full(_)) = out.try_send(message) {
+                            bump(&shared.counters.dropped_slow_subscriber);
+                        }
+                    }
+                    Ok(Some(Notification::Unschedule)) => {
+                        if rx.wake().await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            let _ = tx
+                .send(Packet::Disconnect(
+                    Disconnect {
+                        reason_code: DisconnectReasonCode::NormalDisconnection,
+                    },
+                    None,
+                ))
+                .await;
+        });
+        Ok(out_rx)
     }
 }
 
@@ -367,10 +506,14 @@ pub async fn start(
         LinkBuilder::new(client_id, router_tx.clone())
             .clean_session(clean)
             .build()
+            // LinkError is large (it carries the router's event); keep its message.
+            .map_err(|e| e.to_string())
     });
     let factory = links.clone();
     let (hub_tx, mut hub_rx, _ack) =
-        tokio::task::spawn_blocking(move || factory(HUB_CLIENT_ID, true)).await??;
+        tokio::task::spawn_blocking(move || factory(HUB_CLIENT_ID, true))
+            .await?
+            .map_err(Error::Link)?;
     // The hub link only publishes at QoS 0, so the router sends it nothing;
     // drain it anyway so a future acknowledgement can never pile up.
     let drain_shutdown = shutdown.clone();
@@ -398,6 +541,8 @@ pub async fn start(
         gate,
         hub_tx: tokio::sync::Mutex::new(hub_tx),
         local_addr,
+        next_watch: AtomicU64::new(1),
+        shutdown: shutdown.clone(),
     });
     let handle = EdgeHandle {
         shared: shared.clone(),
@@ -770,11 +915,17 @@ impl Conn {
         to_router: &mut Vec<Packet>,
     ) -> Result<(), End> {
         match packet {
-            Packet::Publish(publish, props) => self.incoming_publish(publish, props, byte1, to_router).await,
+            Packet::Publish(publish, props) => {
+                self.incoming_publish(publish, props, byte1, to_router)
+                    .await
+            }
             Packet::Subscribe(subscribe, props) => {
                 self.incoming_subscribe(subscribe, props, to_router).await
             }
-            Packet::Unsubscribe(u, p) => {
+            Packet::Unsubscribe(mut u, p) => {
+                for filter in &mut u.filters {
+                    *filter = escape_dollar(filter);
+                }
                 to_router.push(Packet::Unsubscribe(u, p));
                 Ok(())
             }
@@ -787,7 +938,10 @@ impl Conn {
                 with_will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
             }),
             Packet::PubRec(..) | Packet::PubRel(..) | Packet::PubComp(..) => Err(self
-                .protocol_error("QoS 2 is not supported".into(), DisconnectReasonCode::QoSNotSupported)),
+                .protocol_error(
+                    "QoS 2 is not supported".into(),
+                    DisconnectReasonCode::QoSNotSupported,
+                )),
             other => Err(self.protocol_error(
                 format!("unexpected {} from a client", packet_name(&other)),
                 DisconnectReasonCode::ProtocolError,
@@ -831,6 +985,8 @@ impl Conn {
         }
         if acl::check_publish(&self.principal, topic) {
             bump(&self.shared.counters.publishes_received);
+            let mut publish = publish;
+            publish.topic = escape_dollar_bytes(publish.topic);
             to_router.push(Packet::Publish(publish, props));
             return Ok(());
         }
@@ -846,7 +1002,8 @@ impl Conn {
                 PubAckReason::Success
             };
             let pkid = publish_pkid(&publish);
-            self.send(Packet::PubAck(PubAck { pkid, reason }, None)).await?;
+            self.send(Packet::PubAck(PubAck { pkid, reason }, None))
+                .await?;
         }
         if self.violations >= self.shared.cfg.max_acl_violations {
             return Err(End::Protocol(
@@ -888,6 +1045,7 @@ impl Conn {
                     if filter.qos == QoS::ExactlyOnce {
                         filter.qos = QoS::AtLeastOnce;
                     }
+                    filter.path = escape_dollar(&filter.path);
                     codes.push(None);
                     allowed.push(filter);
                 }
@@ -943,7 +1101,8 @@ impl Conn {
     /// asked to be woken after this batch.
     async fn notification(&mut self, n: Notification) -> Result<bool, End> {
         match n {
-            Notification::Forward(forward) => {
+            Notification::Forward(mut forward) => {
+                forward.publish.topic = unescape_dollar_bytes(forward.publish.topic);
                 let qos0 = forward.publish.serialize()[0] & 0b0110 == 0;
                 if qos0 && self.out.capacity() <= RESERVED_SLOTS {
                     bump(&self.shared.counters.dropped_slow_subscriber);
@@ -1089,7 +1248,16 @@ async fn session(
         5 => Codec::V5(V5),
         other => {
             let why = format!("mqtt protocol level {other} is not supported (use 3.1.1 or 5)");
-            refuse(&shared, tls, &Codec::V4(V4), ConnectReturnCode::RefusedProtocolVersion, peer, &id, &why).await;
+            refuse(
+                &shared,
+                tls,
+                &Codec::V4(V4),
+                ConnectReturnCode::RefusedProtocolVersion,
+                peer,
+                &id,
+                &why,
+            )
+            .await;
             return;
         }
     };
@@ -1114,13 +1282,31 @@ async fn session(
 
     if !client_id.is_empty() && client_id != id.as_str() {
         let why = format!("client id {client_id:?} does not match certificate device id {id}");
-        refuse(&shared, tls, &codec, ConnectReturnCode::ClientIdentifierNotValid, peer, &id, &why).await;
+        refuse(
+            &shared,
+            tls,
+            &codec,
+            ConnectReturnCode::ClientIdentifierNotValid,
+            peer,
+            &id,
+            &why,
+        )
+        .await;
         return;
     }
     let principal = match shared.gate.admit(&id, &serial) {
         Ok(p) => p,
         Err(why) => {
-            refuse(&shared, tls, &codec, ConnectReturnCode::NotAuthorized, peer, &id, &why).await;
+            refuse(
+                &shared,
+                tls,
+                &codec,
+                ConnectReturnCode::NotAuthorized,
+                peer,
+                &id,
+                &why,
+            )
+            .await;
             return;
         }
     };
@@ -1130,7 +1316,16 @@ async fn session(
         });
         if !allowed {
             let why = "last will topic is not one this device may publish to";
-            refuse(&shared, tls, &codec, ConnectReturnCode::NotAuthorized, peer, &id, why).await;
+            refuse(
+                &shared,
+                tls,
+                &codec,
+                ConnectReturnCode::NotAuthorized,
+                peer,
+                &id,
+                why,
+            )
+            .await;
             return;
         }
     }
@@ -1142,7 +1337,16 @@ async fn session(
         } else {
             ConnectReturnCode::ServiceUnavailable
         };
-        refuse(&shared, tls, &codec, code, peer, &id, "too many connections").await;
+        refuse(
+            &shared,
+            tls,
+            &codec,
+            code,
+            peer,
+            &id,
+            "too many connections",
+        )
+        .await;
         return;
     }
 
@@ -1176,7 +1380,16 @@ async fn session(
         Ok(Err(e)) => {
             warn!(device = %id, error = %e, "router refused the link");
             forget_session(&shared, &id, number);
-            refuse(&shared, tls, &codec, ConnectReturnCode::ServerUnavailable, peer, &id, "router unavailable").await;
+            refuse(
+                &shared,
+                tls,
+                &codec,
+                ConnectReturnCode::ServerUnavailable,
+                peer,
+                &id,
+                "router unavailable",
+            )
+            .await;
             return;
         }
         Err(e) => {
@@ -1246,21 +1459,31 @@ async fn session(
             .await;
     }
     let publish_will = !matches!(end, End::Clean { with_will: false });
-    if let (true, Some(LastWill { topic, message, qos, retain })) = (publish_will, will) {
-        let publish = publish_with_qos(topic, message, qos, retain, 1);
+    if let (
+        true,
+        Some(LastWill {
+            topic,
+            message,
+            qos,
+            retain,
+        }),
+    ) = (publish_will, will)
+    {
+        let publish = publish_with_qos(escape_dollar_bytes(topic), message, qos, retain, 1);
         let _ = conn
             .flush_to_router(&mut vec![Packet::Publish(publish, None)])
             .await;
     }
     if !matches!(end, End::RouterGone) {
         // The router forgets the link (and, for clean sessions, its subscriptions).
-        let _ = conn.flush_to_router(&mut vec![Packet::Disconnect(
-            Disconnect {
-                reason_code: DisconnectReasonCode::NormalDisconnection,
-            },
-            None,
-        )])
-        .await;
+        let _ = conn
+            .flush_to_router(&mut vec![Packet::Disconnect(
+                Disconnect {
+                    reason_code: DisconnectReasonCode::NormalDisconnection,
+                },
+                None,
+            )])
+            .await;
     }
     drop(conn);
     let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;

@@ -123,7 +123,10 @@ fn run(args: Args) -> anyhow::Result<()> {
 /// Cancels `shutdown` on SIGTERM or SIGINT.
 async fn on_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop hubd with SIGKILL");
         return;
     };

@@ -212,8 +212,16 @@ impl RegistryHandle {
         };
         match self.inner.store.cert(cert_serial) {
             Ok(Some(cert)) if cert.device == *id && cert.revoked_at.is_none() => {}
-            Ok(Some(_)) => return Err(format!("certificate {cert_serial} is revoked or not {id}'s")),
-            Ok(None) => return Err(format!("certificate {cert_serial} was not issued by this hub")),
+            Ok(Some(_)) => {
+                return Err(format!(
+                    "certificate {cert_serial} is revoked or not {id}'s"
+                ));
+            }
+            Ok(None) => {
+                return Err(format!(
+                    "certificate {cert_serial} was not issued by this hub"
+                ));
+            }
             Err(e) => return Err(format!("registry unavailable: {e}")),
         }
         match device.state {
