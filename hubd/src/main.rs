@@ -68,11 +68,11 @@ fn init_logging(directive: &str) {
     let registry = tracing_subscriber::registry().with(filter);
     // Under systemd, stderr is the journal too, but the native protocol keeps
     // fields and levels.
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        if let Ok(journald) = tracing_journald::layer() {
-            registry.with(journald).init();
-            return;
-        }
+    if std::env::var_os("JOURNAL_STREAM").is_some()
+        && let Ok(journald) = tracing_journald::layer()
+    {
+        registry.with(journald).init();
+        return;
     }
     registry
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
