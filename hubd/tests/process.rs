@@ -1,0 +1,260 @@
+//! The `hubd` binary as systemd runs it: readiness on NOTIFY_SOCKET only after
+//! the listeners are bound, SIGTERM handled within 5 s with exit 0, state kept
+//! across restarts, and refusal to start with a key readable by others.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hub_proto::v1 as pb;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Hubd {
+    child: Child,
+    notify: UnixDatagram,
+    mqtt: String,
+    socket: PathBuf,
+}
+
+/// Starts the binary with a scrubbed environment and a NOTIFY_SOCKET of our own.
+fn spawn(dir: &Path, tag: &str) -> (Child, UnixDatagram, PathBuf) {
+    let notify_path = dir.join(format!("notify-{tag}.sock"));
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(WAIT)).unwrap();
+    let socket = dir.join("run").join("hubd.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_hubd"))
+        .args(["--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.join("state"))
+        .arg("--socket")
+        .arg(&socket)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", dir)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (child, notify, socket)
+}
+
+/// Reads notifications until READY=1; returns the MQTT address from STATUS.
+fn wait_ready(notify: &UnixDatagram) -> String {
+    let mut mqtt = None;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = notify.recv(&mut buf).expect("READY=1 within the timeout");
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        for line in msg.lines() {
+            if let Some(status) = line.strip_prefix("STATUS=serving mqtt on ") {
+                mqtt = status.split(',').next().map(str::to_owned);
+            }
+        }
+        if msg.lines().any(|l| l == "READY=1") {
+            return mqtt.expect("a STATUS line naming the MQTT address comes with READY=1");
+        }
+    }
+}
+
+fn start(dir: &Path, tag: &str) -> Hubd {
+    let (child, notify, socket) = spawn(dir, tag);
+    let mqtt = wait_ready(&notify);
+    Hubd {
+        child,
+        notify,
+        mqtt,
+        socket,
+    }
+}
+
+/// SIGTERM, then the exit status, how long it took and what was notified.
+fn terminate(mut hubd: Hubd) -> (std::process::ExitStatus, Duration, Vec<String>) {
+    let started = Instant::now();
+    kill(Pid::from_raw(hubd.child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = loop {
+        if let Some(status) = hubd.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "hubd ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    hubd.notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = hubd.notify.recv(&mut buf) {
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    (status, started.elapsed(), seen)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn ready_after_bind_sigterm_exits_zero_and_state_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let hubd = start(dir.path(), "1");
+    // READY=1 has arrived: both listeners must already accept.
+    std::net::TcpStream::connect(&hubd.mqtt).expect("mqtt listener bound before READY=1");
+    let rt = rt();
+    let id = rt.block_on(async {
+        let mut admin = hub_proto::admin_client(&hubd.socket).await.unwrap();
+        let status = admin
+            .status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(status.mqtt_listen, hubd.mqtt);
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let resp = admin
+            .enroll_device(pb::EnrollDeviceRequest {
+                name: "Kitchen sensor".into(),
+                csr_pem: csr,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        resp.device.unwrap().id
+    });
+
+    let (status, took, seen) = terminate(hubd);
+    assert!(status.success(), "exit status {status:?}");
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    assert!(seen.iter().any(|m| m.contains("STOPPING=1")), "{seen:?}");
+
+    let hubd = start(dir.path(), "2");
+    rt.block_on(async {
+        let mut admin = hub_proto::admin_client(&hubd.socket).await.unwrap();
+        let device = admin
+            .get_device(pb::GetDeviceRequest { id: id.clone() })
+            .await
+            .expect("the device enrolled before shutdown is still known")
+            .into_inner();
+        assert_eq!(device.name, "Kitchen sensor");
+    });
+    let (status, _, _) = terminate(hubd);
+    assert!(status.success());
+}
+
+#[test]
+fn a_key_readable_by_others_stops_hubd_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, ..) = terminate(start(dir.path(), "1"));
+    assert!(status.success());
+    let key = dir.path().join("state").join("ca").join("ca.key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let (child, _notify, _) = spawn(dir.path(), "2");
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "hubd started with a 0644 key");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&key.display().to_string()),
+        "stderr does not name the key: {stderr}"
+    );
+}
+
+#[test]
+fn two_fresh_state_dirs_have_different_cas() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let fingerprint = |dir: &Path| {
+        let hubd = start(dir, "1");
+        let fp = rt().block_on(async {
+            let mut admin = hub_proto::admin_client(&hubd.socket).await.unwrap();
+            admin
+                .status(pb::StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .ca_fingerprint
+        });
+        terminate(hubd);
+        fp
+    };
+    let (fa, fb) = (fingerprint(a.path()), fingerprint(b.path()));
+    assert_eq!(fa.len(), 64);
+    assert_ne!(fa, fb);
+    let key = |dir: &Path| std::fs::read(dir.join("state/ca/ca.key")).unwrap();
+    assert_ne!(key(a.path()), key(b.path()));
+    for dir in [a.path(), b.path()] {
+        for name in ["ca.key", "server.key"] {
+            let mode = std::fs::metadata(dir.join("state/ca").join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}");
+        }
+        let mode = std::fs::metadata(dir.join("state"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "state dir");
+    }
+}
+
+#[test]
+fn config_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let hubd = env!("CARGO_BIN_EXE_hubd");
+    let out = Command::new(hubd)
+        .arg("--print-default-config")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        hubd::Config::DEFAULT_TOML
+    );
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[edge]\nlisten = \"nowhere\"\n").unwrap();
+    let out = Command::new(hubd)
+        .arg("--check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("listen") && stderr.contains("nowhere"),
+        "{stderr}"
+    );
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, hubd::Config::DEFAULT_TOML).unwrap();
+    let out = Command::new(hubd)
+        .arg("--check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
