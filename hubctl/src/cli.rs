@@ -45,6 +45,31 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: DevicesCommand,
     },
+    /// Publish a message as the hub itself (QoS 0), e.g. a command to d/<id>/cmd/on.
+    Publish {
+        /// The topic to publish on; it may not contain wildcards.
+        topic: String,
+        /// The payload, taken literally (an empty string is an empty payload).
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        payload: Option<OsString>,
+        /// Read the payload from FILE instead ("-" for standard input).
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Ask hubd to retain the message for later subscribers.
+        #[arg(long)]
+        retain: bool,
+    },
+    /// Print the messages hubd routes on topics matching FILTER, one line each.
+    Watch {
+        /// An MQTT topic filter, e.g. d/+/state or '#'.
+        filter: String,
+        /// Exit after N messages (otherwise run until hubd ends the stream or Ctrl-C).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+        /// Print one JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -216,5 +241,47 @@ mod tests {
         )
         .expect("parses");
         assert_eq!(inv.socket, Path::new("/h/.local/share/hubd/hubd.sock"));
+    }
+
+    #[test]
+    fn publish_takes_a_payload_or_a_file() {
+        let inv = parse_with(&["hubctl", "publish", "t", "-", "--retain"], &[]).expect("parses");
+        match inv.command {
+            Command::Publish {
+                topic,
+                payload,
+                file,
+                retain,
+            } => {
+                assert_eq!(topic, "t");
+                assert_eq!(payload, Some(OsString::from("-")));
+                assert_eq!(file, None);
+                assert!(retain);
+            }
+            other => panic!("not publish: {other:?}"),
+        }
+        let inv = parse_with(&["hubctl", "publish", "t", "--file", "-"], &[]).expect("parses");
+        assert!(
+            matches!(inv.command, Command::Publish { payload: None, file: Some(f), .. } if f == Path::new("-"))
+        );
+        let e = parse_with(&["hubctl", "publish", "t"], &[]).expect_err("no payload");
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let e = parse_with(&["hubctl", "publish", "t", "x", "--file", "f"], &[]).expect_err("both");
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn watch_count_is_positive() {
+        let inv = parse_with(&["hubctl", "watch", "#", "--count", "2"], &[]).expect("parses");
+        assert!(matches!(
+            inv.command,
+            Command::Watch {
+                count: Some(2),
+                json: false,
+                ..
+            }
+        ));
+        let e = parse_with(&["hubctl", "watch", "#", "--count", "0"], &[]).expect_err("zero");
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
     }
 }

@@ -1,7 +1,9 @@
 //! Runs one parsed command against hubd: connect, call, print.
 
+use std::ffi::OsString;
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,18 +14,24 @@ use tonic::transport::Channel;
 
 use crate::Error;
 use crate::cli::{Command, DevicesCommand, Invocation};
-use crate::output::{self, DeviceListView, DeviceView, StatusView};
+use crate::output::{self, DeviceListView, DeviceView, StatusView, WatchMessageView};
 
 /// How long to wait for the socket to accept. A Unix socket connects at once
 /// or fails at once; this only bounds a hubd that is wedged.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long one RPC may take. Every admin call is local and small, enrolment
-/// included (one P-256 signature and a durable commit).
+/// included (one P-256 signature and a durable commit). For `Watch` it bounds
+/// only the wait for the stream to start, never the stream itself.
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The largest CSR file read: a P-256 CSR in PEM is well under 1 KiB.
 const MAX_CSR_BYTES: u64 = 64 * 1024;
+
+/// The largest payload file read. hubd enforces its own, smaller limit
+/// (`max_packet_size`) and names it when refusing; this only stops hubctl from
+/// reading a huge file to send what no gRPC server accepts (4 MiB a message).
+const MAX_PAYLOAD_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Runs `inv`, printing its result to `out`.
 pub(crate) async fn execute(inv: Invocation, out: &mut dyn Write) -> Result<(), Error> {
@@ -40,6 +48,110 @@ pub(crate) async fn execute(inv: Invocation, out: &mut dyn Write) -> Result<(), 
             }
         }
         Command::Devices { command } => devices(command, &inv.socket, out).await,
+        Command::Publish {
+            topic,
+            payload,
+            file,
+            retain,
+        } => publish(topic, payload, file, retain, &inv.socket).await,
+        Command::Watch {
+            filter,
+            count,
+            json,
+        } => watch(filter, count, json, &inv.socket, out).await,
+    }
+}
+
+/// `publish`: prints nothing on success, like other Unix tools that send.
+async fn publish(
+    topic: String,
+    payload: Option<OsString>,
+    file: Option<PathBuf>,
+    retain: bool,
+    socket: &Path,
+) -> Result<(), Error> {
+    let what = format!("publish {}", output::sanitize(&topic));
+    // clap requires exactly one of PAYLOAD and --file. The payload is passed
+    // on byte for byte, so it need not be UTF-8.
+    let payload = match file {
+        Some(path) => read_payload(&what, &path)?,
+        None => payload.map(OsString::into_vec).unwrap_or_default(),
+    };
+    let mut client = connect(socket).await?;
+    let request = v1::PublishRequest {
+        topic,
+        payload,
+        retain,
+    };
+    call(&what, client.publish(request)).await?;
+    Ok(())
+}
+
+/// Reads a payload file, or standard input for `-`, up to [`MAX_PAYLOAD_BYTES`].
+fn read_payload(what: &str, path: &Path) -> Result<Vec<u8>, Error> {
+    let mut bytes = Vec::new();
+    // One byte over the limit is enough to know the input is too large.
+    let limit = MAX_PAYLOAD_BYTES + 1;
+    let read = if path == Path::new("-") {
+        io::stdin().lock().take(limit).read_to_end(&mut bytes)
+    } else {
+        fs::File::open(path).and_then(|f| f.take(limit).read_to_end(&mut bytes))
+    };
+    read.map_err(|source| Error::File {
+        what: what.to_owned(),
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if bytes.len() as u64 > MAX_PAYLOAD_BYTES {
+        return Err(Error::TooLarge {
+            what: what.to_owned(),
+            path: path.to_path_buf(),
+            max: MAX_PAYLOAD_BYTES,
+        });
+    }
+    Ok(bytes)
+}
+
+/// `watch`: one line per message, flushed at once so that a pipe or a script
+/// sees each message as it arrives.
+async fn watch(
+    filter: String,
+    count: Option<u64>,
+    json: bool,
+    socket: &Path,
+    out: &mut dyn Write,
+) -> Result<(), Error> {
+    let what = format!("watch {}", output::sanitize(&filter));
+    let mut client = connect(socket).await?;
+    // hubd answers once its subscription is active, so only that wait is
+    // bounded: after it a quiet topic may rightly stay silent for hours.
+    let mut stream = call(&what, client.watch(v1::WatchRequest { filter })).await?;
+    let mut received: u64 = 0;
+    while count.is_none_or(|wanted| received < wanted) {
+        let message = match stream.message().await {
+            Ok(Some(message)) => message,
+            Ok(None) => break,
+            Err(status) => return Err(Error::Rpc { what, status }),
+        };
+        let line = if json {
+            let mut line =
+                serde_json::to_string(&WatchMessageView::from(&message)).map_err(Error::Json)?;
+            line.push('\n');
+            line
+        } else {
+            output::watch_line(&message)
+        };
+        print(out, &line)?;
+        received += 1;
+    }
+    match count {
+        // A script that asked for N messages must not take fewer for success.
+        Some(wanted) if received < wanted => Err(Error::StreamEnded {
+            what,
+            received,
+            wanted,
+        }),
+        Some(_) | None => Ok(()),
     }
 }
 
@@ -323,5 +435,25 @@ mod tests {
         write_new(&path, b"three", true).expect("forced");
         assert_eq!(fs::read(&path).expect("read"), b"three");
         assert!(!dir.path().join("cert.pem.tmp").exists());
+    }
+
+    #[test]
+    fn payload_files_are_read_whole_up_to_the_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("payload");
+        fs::write(&path, [0u8, 0xff, b'\n']).expect("write");
+        assert_eq!(
+            read_payload("publish t", &path).expect("read"),
+            [0u8, 0xff, b'\n']
+        );
+        let big = fs::File::create(&path).expect("create");
+        big.set_len(MAX_PAYLOAD_BYTES + 1).expect("grow");
+        let e = read_payload("publish t", &path).expect_err("too large");
+        assert_eq!(
+            e.to_string(),
+            format!("publish t: {}: larger than 4194304 bytes", path.display())
+        );
+        let e = read_payload("publish t", &dir.path().join("nope")).expect_err("missing");
+        assert!(e.to_string().starts_with("publish t: "), "{e}");
     }
 }

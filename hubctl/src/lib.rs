@@ -65,6 +65,20 @@ pub enum Error {
         path: PathBuf,
         reason: &'static str,
     },
+    /// A payload file is larger than hubctl will send.
+    #[error("{what}: {}: larger than {max} bytes", path.display())]
+    TooLarge {
+        what: String,
+        path: PathBuf,
+        max: u64,
+    },
+    /// hubd ended a watch stream before `--count` messages arrived.
+    #[error("{what}: hubd ended the stream after {received} of {wanted} messages")]
+    StreamEnded {
+        what: String,
+        received: u64,
+        wanted: u64,
+    },
     /// hubd enrolled the device but its certificate could not be saved.
     #[error(
         "{what}: device {id} is enrolled but its files were not written \
@@ -101,6 +115,8 @@ impl Error {
             | Error::File { .. }
             | Error::Exists { .. }
             | Error::BadCsr { .. }
+            | Error::TooLarge { .. }
+            | Error::StreamEnded { .. }
             | Error::NotWritten { .. }
             | Error::Output(_)
             | Error::Json(_)
@@ -122,6 +138,8 @@ impl Error {
             | Error::File { .. }
             | Error::Exists { .. }
             | Error::BadCsr { .. }
+            | Error::TooLarge { .. }
+            | Error::StreamEnded { .. }
             | Error::NotWritten { .. }
             | Error::Output(_)
             | Error::Json(_)

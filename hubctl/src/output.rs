@@ -1,5 +1,5 @@
 //! What hubctl prints: the stable JSON views of hubd's answers and their human
-//! renderings (aligned tables, `key: value` lines, UTC times).
+//! renderings (aligned tables, `key: value` lines, UTC times, watched messages).
 //!
 //! The JSON views are hubctl's own types, not the protobuf messages, so the
 //! JSON a script reads does not change when the wire format grows a field.
@@ -135,6 +135,84 @@ impl From<&v1::StatusResponse> for StatusView {
             mqtt_listen: s.mqtt_listen.clone(),
         }
     }
+}
+
+/// One message as `watch --json` prints it, one object per line.
+///
+/// A payload that is UTF-8 is given as a string; any other payload is `null`
+/// with its bytes in `payload_base64`, a key present only then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchMessageView {
+    pub topic: String,
+    /// The payload if it is valid UTF-8, else `null`.
+    pub payload: Option<String>,
+    /// The payload in standard base64 (RFC 4648, padded); only when it is not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_base64: Option<String>,
+    pub retain: bool,
+}
+
+impl From<&v1::WatchMessage> for WatchMessageView {
+    fn from(m: &v1::WatchMessage) -> Self {
+        let (payload, payload_base64) = match std::str::from_utf8(&m.payload) {
+            Ok(text) => (Some(text.to_owned()), None),
+            Err(_) => (None, Some(base64(&m.payload))),
+        };
+        Self {
+            topic: m.topic.clone(),
+            payload,
+            payload_base64,
+            retain: m.retain,
+        }
+    }
+}
+
+/// How many bytes of a binary payload the human `watch` line shows in hex.
+const HEX_PREVIEW_BYTES: usize = 16;
+
+/// The human `watch` line: `TOPIC PAYLOAD` and a newline.
+///
+/// A UTF-8 payload is printed [`sanitize`]d, so a newline in it cannot split
+/// the line; an empty one as `<0 bytes>` (in MQTT it clears a retained
+/// message, which a blank would hide) and a binary one as `<N bytes: HEX>`,
+/// the hex cut after [`HEX_PREVIEW_BYTES`] bytes with `...`.
+pub fn watch_line(m: &v1::WatchMessage) -> String {
+    let payload = match std::str::from_utf8(&m.payload) {
+        Ok("") => "<0 bytes>".to_owned(),
+        Ok(text) => sanitize(text),
+        Err(_) => bytes_summary(&m.payload),
+    };
+    format!("{} {payload}\n", sanitize(&m.topic))
+}
+
+/// `<N bytes: HEX>` for a non-empty binary payload, the hex cut with `...`.
+fn bytes_summary(payload: &[u8]) -> String {
+    let n = payload.len();
+    let unit = if n == 1 { "byte" } else { "bytes" };
+    let shown = payload.get(..HEX_PREVIEW_BYTES).unwrap_or(payload);
+    let hex: String = shown.iter().map(|b| format!("{b:02x}")).collect();
+    let more = if n > shown.len() { "..." } else { "" };
+    format!("<{n} {unit}: {hex}{more}>")
+}
+
+/// Standard, padded base64 (RFC 4648 section 4); the workspace has no base64 crate.
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let byte = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
+        let group = (byte(0) << 16) | (byte(1) << 8) | byte(2);
+        // A chunk of k bytes fills k + 1 sextets; the rest of the four is padding.
+        for i in 0..4 {
+            if i <= chunk.len() {
+                let sextet = (group >> (18 - 6 * i)) & 0x3f;
+                out.push(char::from(ALPHABET[sextet as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Unix seconds as RFC 3339 in UTC; `None` if the value is outside what RFC 3339 can say.
@@ -511,6 +589,67 @@ mod tests {
         assert_eq!(DeviceView::from(&d).state, DeviceStateView::Unknown);
         d.state = v1::DeviceState::Revoked.into();
         assert_eq!(DeviceView::from(&d).state, DeviceStateView::Revoked);
+    }
+
+    #[test]
+    fn base64_matches_rfc_4648() {
+        for (input, want) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(input.as_bytes()), want, "{input:?}");
+        }
+        assert_eq!(base64(&[0x00, 0xff, 0x10, 0x80]), "AP8QgA==");
+        assert_eq!(base64(&[0xfb, 0xff]), "+/8=");
+    }
+
+    fn message(topic: &str, payload: &[u8], retain: bool) -> v1::WatchMessage {
+        v1::WatchMessage {
+            topic: topic.into(),
+            payload: payload.to_vec(),
+            retain,
+        }
+    }
+
+    #[test]
+    fn watch_lines() {
+        let line = |payload: &[u8]| watch_line(&message("d/x/state", payload, false));
+        assert_eq!(line(b"on"), "d/x/state on\n");
+        assert_eq!(
+            line("21 °C\n\u{1b}[2J".as_bytes()),
+            "d/x/state 21 °C\\n\\u{1b}[2J\n"
+        );
+        assert_eq!(line(b""), "d/x/state <0 bytes>\n");
+        assert_eq!(line(&[0xff]), "d/x/state <1 byte: ff>\n");
+        let long: Vec<u8> = (0xf0..=0xff).chain([0x00]).collect();
+        assert_eq!(
+            line(&long),
+            "d/x/state <17 bytes: f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff...>\n"
+        );
+        assert_eq!(watch_line(&message("a\u{7}b", b"x", true)), "a\\u{7}b x\n");
+    }
+
+    #[test]
+    fn watch_json_shape() {
+        let text = WatchMessageView::from(&message("t", "é\n".as_bytes(), false));
+        assert_eq!(
+            serde_json::to_string(&text).expect("serializes"),
+            r#"{"topic":"t","payload":"é\n","retain":false}"#
+        );
+        let binary = WatchMessageView::from(&message("t", &[0x00, 0xff], true));
+        assert_eq!(
+            serde_json::to_string(&binary).expect("serializes"),
+            r#"{"topic":"t","payload":null,"payload_base64":"AP8=","retain":true}"#
+        );
+        let back: WatchMessageView =
+            serde_json::from_str(&serde_json::to_string(&text).expect("serializes"))
+                .expect("deserializes");
+        assert_eq!(back, text);
     }
 
     #[test]

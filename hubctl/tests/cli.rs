@@ -99,6 +99,10 @@ fn usage_errors_exit_2() {
         &["devices", "show"],
         &["devices", "enroll", "--name", "x"],
         &["status", "--bogus"],
+        &["publish", "t"],
+        &["publish", "t", "x", "--file", "f"],
+        &["watch"],
+        &["watch", "#", "--count", "0"],
     ] {
         let o = hubctl(dir.path(), args, &[]);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));

@@ -3,15 +3,19 @@
 //! `main` drives it, with the output text asserted.
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use hub_proto::v1;
 use hub_proto::v1::admin_server::{Admin, AdminServer};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 /// 2026-11-22 14:03:00 UTC.
@@ -54,6 +58,13 @@ struct FakeHub {
     deny: bool,
     /// How many EnrollDevice calls arrived.
     enrolls: Arc<AtomicUsize>,
+    /// Every Publish request that arrived, refused ones included.
+    published: Arc<Mutex<Vec<v1::PublishRequest>>>,
+    /// The filter of every Watch that arrived.
+    watched: Arc<Mutex<Vec<String>>>,
+    /// End each watch stream after [`watch_messages`]; otherwise it stays open
+    /// until the client leaves, as hubd's does.
+    end_watch: bool,
 }
 
 impl FakeHub {
@@ -67,6 +78,23 @@ impl FakeHub {
     }
 }
 
+/// What the fake streams to every Watch: one UTF-8 payload with a newline in
+/// it, one binary and retained.
+fn watch_messages() -> Vec<v1::WatchMessage> {
+    vec![
+        v1::WatchMessage {
+            topic: "d/7h3k2m/state".into(),
+            payload: "21.5 °C\n".into(),
+            retain: false,
+        },
+        v1::WatchMessage {
+            topic: "d/a1b2c3/raw".into(),
+            payload: vec![0x00, 0xff, 0x10, 0x80],
+            retain: true,
+        },
+    ]
+}
+
 fn find(id: &str) -> Result<v1::Device, Status> {
     devices()
         .into_iter()
@@ -76,6 +104,33 @@ fn find(id: &str) -> Result<v1::Device, Status> {
 
 #[tonic::async_trait]
 impl Admin for FakeHub {
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchMessage, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        req: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.check(&req)?;
+        let filter = req.into_inner().filter;
+        self.watched
+            .lock()
+            .expect("watched lock")
+            .push(filter.clone());
+        if filter.contains('#') && !filter.ends_with('#') {
+            return Err(Status::invalid_argument(
+                "filter: '#' must be the last level",
+            ));
+        }
+        let messages = tokio_stream::iter(watch_messages().into_iter().map(Ok));
+        if self.end_watch {
+            Ok(Response::new(Box::pin(messages)))
+        } else {
+            Ok(Response::new(Box::pin(
+                messages.chain(tokio_stream::pending()),
+            )))
+        }
+    }
+
     async fn status(
         &self,
         req: Request<v1::StatusRequest>,
@@ -153,13 +208,21 @@ impl Admin for FakeHub {
         }))
     }
 
-    /// Not a hubctl command (yet): the fake only has to exist.
+    /// Records the request; refuses wildcards in the topic, as hubd does.
     async fn publish(
         &self,
         req: Request<v1::PublishRequest>,
     ) -> Result<Response<v1::PublishResponse>, Status> {
         self.check(&req)?;
-        Err(Status::unimplemented("publish: not part of the fake"))
+        let req = req.into_inner();
+        let wildcard = req.topic.contains(['+', '#']);
+        self.published.lock().expect("published lock").push(req);
+        if wildcard {
+            return Err(Status::invalid_argument(
+                "topic: a topic name has no wildcards",
+            ));
+        }
+        Ok(Response::new(v1::PublishResponse {}))
     }
 
     async fn disconnect_device(
@@ -508,5 +571,215 @@ async fn unreachable_socket_exits_3() {
             "hubctl: cannot reach hubd at {}: is it running?\n",
             socket.display()
         )
+    );
+}
+
+/// The Publish requests recorded so far as (topic, payload, retain), emptying the record.
+fn take_published(published: &Mutex<Vec<v1::PublishRequest>>) -> Vec<(String, Vec<u8>, bool)> {
+    std::mem::take(&mut *published.lock().expect("published lock"))
+        .into_iter()
+        .map(|r| (r.topic, r.payload, r.retain))
+        .collect()
+}
+
+#[tokio::test]
+async fn publish_sends_topic_payload_and_retain() {
+    let published = Arc::new(Mutex::new(Vec::new()));
+    let hub = start(FakeHub {
+        published: Arc::clone(&published),
+        ..FakeHub::default()
+    });
+    assert_eq!(
+        ok(&hub.socket, &["publish", "d/7h3k2m/cmd/on", "1"]).await,
+        ""
+    );
+    assert_eq!(
+        ok(
+            &hub.socket,
+            &["publish", "d/7h3k2m/cmd/mode", "eco mode", "--retain"]
+        )
+        .await,
+        ""
+    );
+    // An empty payload is a payload (it clears a retained message).
+    assert_eq!(
+        ok(
+            &hub.socket,
+            &["publish", "--retain", "d/7h3k2m/cmd/mode", ""]
+        )
+        .await,
+        ""
+    );
+    assert_eq!(
+        take_published(&published),
+        [
+            ("d/7h3k2m/cmd/on".to_owned(), b"1".to_vec(), false),
+            ("d/7h3k2m/cmd/mode".to_owned(), b"eco mode".to_vec(), true),
+            ("d/7h3k2m/cmd/mode".to_owned(), Vec::new(), true),
+        ]
+    );
+
+    // --file sends the file's bytes as they are, binary included.
+    let work = tempfile::tempdir().expect("tempdir");
+    let file = work.path().join("payload.bin");
+    std::fs::write(&file, [0x00, 0xff, b'\n']).expect("write payload");
+    let file_arg = file.to_str().expect("utf-8 temp path");
+    assert_eq!(
+        ok(
+            &hub.socket,
+            &["publish", "d/a1b2c3/cmd/raw", "--file", file_arg]
+        )
+        .await,
+        ""
+    );
+    assert_eq!(
+        take_published(&published),
+        [(
+            "d/a1b2c3/cmd/raw".to_owned(),
+            vec![0x00, 0xff, b'\n'],
+            false
+        )]
+    );
+
+    // A missing file fails before hubd is asked.
+    let missing = work.path().join("nope");
+    let missing_arg = missing.to_str().expect("utf-8 temp path");
+    let r = hubctl(&hub.socket, &["publish", "t", "--file", missing_arg]).await;
+    assert_eq!(r.code, 1);
+    assert!(
+        r.err
+            .starts_with(&format!("hubctl: publish t: {missing_arg}: ")),
+        "{}",
+        r.err
+    );
+    assert!(take_published(&published).is_empty());
+}
+
+#[tokio::test]
+async fn publish_reads_the_payload_from_stdin() {
+    let published = Arc::new(Mutex::new(Vec::new()));
+    let hub = start(FakeHub {
+        published: Arc::clone(&published),
+        ..FakeHub::default()
+    });
+    // The real binary, since `run_with_env` reads the process's stdin.
+    let socket = hub.socket.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hubctl"))
+            .env_clear()
+            .env("HUBD_SOCKET", &socket)
+            .args(["publish", "d/7h3k2m/cmd/set", "--file", "-", "--retain"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("hubctl runs");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin.write_all(b"{\"target\": 21}\n").expect("write stdin");
+        drop(stdin);
+        child.wait_with_output().expect("hubctl exits")
+    })
+    .await
+    .expect("hubctl thread");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.stdout.is_empty());
+    assert_eq!(
+        take_published(&published),
+        [(
+            "d/7h3k2m/cmd/set".to_owned(),
+            b"{\"target\": 21}\n".to_vec(),
+            true
+        )]
+    );
+}
+
+#[tokio::test]
+async fn publish_refused_exits_1_with_hubds_reason() {
+    let published = Arc::new(Mutex::new(Vec::new()));
+    let hub = start(FakeHub {
+        published: Arc::clone(&published),
+        ..FakeHub::default()
+    });
+    let r = hubctl(&hub.socket, &["publish", "d/+/cmd/on", "1"]).await;
+    assert_eq!(r.code, 1);
+    assert_eq!(r.out, "");
+    assert_eq!(
+        r.err,
+        "hubctl: publish d/+/cmd/on: topic: a topic name has no wildcards\n"
+    );
+    assert_eq!(take_published(&published).len(), 1);
+
+    let hub = start(FakeHub {
+        deny: true,
+        ..FakeHub::default()
+    });
+    let r = hubctl(&hub.socket, &["publish", "d/x/cmd/on", "1"]).await;
+    assert_eq!(r.code, 1);
+    assert_eq!(
+        r.err,
+        "hubctl: publish d/x/cmd/on: peer uid 1000 is not in group hubadmin\n\
+         hubctl: you are not allowed to administer this hub: \
+         run as root or as a member of the hubadmin group\n"
+    );
+}
+
+/// The two lines of [`watch_messages`] in the human format.
+const WATCH_HUMAN: &str = "d/7h3k2m/state 21.5 °C\\n\n\
+                           d/a1b2c3/raw <4 bytes: 00ff1080>\n";
+
+#[tokio::test]
+async fn watch_count_prints_human_and_json_lines() {
+    let watched = Arc::new(Mutex::new(Vec::new()));
+    let hub = start(FakeHub {
+        watched: Arc::clone(&watched),
+        ..FakeHub::default()
+    });
+    // The fake keeps the stream open after two messages: --count ends it.
+    assert_eq!(
+        ok(&hub.socket, &["watch", "d/#", "--count", "2"]).await,
+        WATCH_HUMAN
+    );
+    assert_eq!(
+        ok(&hub.socket, &["watch", "#", "--count", "2", "--json"]).await,
+        "{\"topic\":\"d/7h3k2m/state\",\"payload\":\"21.5 °C\\n\",\"retain\":false}\n\
+         {\"topic\":\"d/a1b2c3/raw\",\"payload\":null,\"payload_base64\":\"AP8QgA==\",\"retain\":true}\n"
+    );
+    assert_eq!(
+        ok(&hub.socket, &["watch", "d/+/state", "--count", "1"]).await,
+        "d/7h3k2m/state 21.5 °C\\n\n"
+    );
+    assert_eq!(
+        *watched.lock().expect("watched lock"),
+        ["d/#", "#", "d/+/state"]
+    );
+}
+
+#[tokio::test]
+async fn watch_stream_end_and_refusal() {
+    let hub = start(FakeHub {
+        end_watch: true,
+        ..FakeHub::default()
+    });
+    // Without --count, hubd ending the stream ends hubctl successfully.
+    assert_eq!(ok(&hub.socket, &["watch", "#"]).await, WATCH_HUMAN);
+    // With it, fewer messages than asked for is a failure, after printing them.
+    let r = hubctl(&hub.socket, &["watch", "#", "--count", "3"]).await;
+    assert_eq!(r.code, 1);
+    assert_eq!(r.out, WATCH_HUMAN);
+    assert_eq!(
+        r.err,
+        "hubctl: watch #: hubd ended the stream after 2 of 3 messages\n"
+    );
+    let r = hubctl(&hub.socket, &["watch", "d/#/state", "--count", "1"]).await;
+    assert_eq!(r.code, 1);
+    assert_eq!(r.out, "");
+    assert_eq!(
+        r.err,
+        "hubctl: watch d/#/state: filter: '#' must be the last level\n"
     );
 }
