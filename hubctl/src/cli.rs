@@ -45,7 +45,7 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: DevicesCommand,
     },
-    /// Publish a message as the hub itself (QoS 0), e.g. a command to d/<id>/cmd/on.
+    /// Publish a message as the hub itself, e.g. a command to d/<id>/cmd/on.
     Publish {
         /// The topic to publish on; it may not contain wildcards.
         topic: String,
@@ -58,6 +58,9 @@ pub(crate) enum Command {
         /// Ask hubd to retain the message for later subscribers.
         #[arg(long)]
         retain: bool,
+        /// Quality of service: 0 (at most once) or 1 (at least once).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1))]
+        qos: u32,
     },
     /// Print the messages hubd routes on topics matching FILTER, one line each.
     Watch {
@@ -252,7 +255,9 @@ mod tests {
                 payload,
                 file,
                 retain,
+                qos,
             } => {
+                assert_eq!(qos, 0);
                 assert_eq!(topic, "t");
                 assert_eq!(payload, Some(OsString::from("-")));
                 assert_eq!(file, None);

@@ -53,7 +53,8 @@ pub(crate) async fn execute(inv: Invocation, out: &mut dyn Write) -> Result<(), 
             payload,
             file,
             retain,
-        } => publish(topic, payload, file, retain, &inv.socket).await,
+            qos,
+        } => publish(topic, payload, file, retain, qos, &inv.socket).await,
         Command::Watch {
             filter,
             count,
@@ -68,6 +69,7 @@ async fn publish(
     payload: Option<OsString>,
     file: Option<PathBuf>,
     retain: bool,
+    qos: u32,
     socket: &Path,
 ) -> Result<(), Error> {
     let what = format!("publish {}", output::sanitize(&topic));
@@ -82,6 +84,7 @@ async fn publish(
         topic,
         payload,
         retain,
+        qos,
     };
     call(&what, client.publish(request)).await?;
     Ok(())

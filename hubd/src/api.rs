@@ -30,7 +30,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::edge::{self, EdgeHandle};
-use crate::model::{DeviceId, DeviceName};
+use crate::model::{DeviceId, DeviceName, Qos};
 use crate::registry::{self, RegistryHandle};
 use crate::store::{DeviceRecord, DeviceState};
 
@@ -445,9 +445,18 @@ impl Admin for Service {
                 self.state.max_payload
             )));
         }
+        let qos = match req.qos {
+            0 => Qos::AtMostOnce,
+            1 => Qos::AtLeastOnce,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "qos: {other}: the hub publishes at QoS 0 or 1"
+                )));
+            }
+        };
         self.state
             .edge
-            .publish(&req.topic, Bytes::from(req.payload), req.retain)
+            .publish(&req.topic, Bytes::from(req.payload), qos, req.retain)
             .await?;
         Ok(Response::new(pb::PublishResponse {}))
     }

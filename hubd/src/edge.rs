@@ -55,7 +55,7 @@ use tracing::{debug, info, warn};
 use crate::acl::{self, Principal, TopicLimits};
 use crate::ca::{self, ServerIdentity};
 use crate::config::EdgeSection;
-use crate::model::DeviceId;
+use crate::model::{DeviceId, Qos};
 
 /// Client id of the hub's own router link. `_` cannot appear in a device id,
 /// so it can never collide with one.
@@ -270,6 +270,8 @@ struct Shared {
     local_addr: SocketAddr,
     /// Source of unique client ids for the hub's watch links.
     next_watch: AtomicU64,
+    /// Source of packet ids for the hub's QoS 1 publishes.
+    next_hub_pkid: AtomicU64,
     /// Cancels watch tasks at shutdown.
     shutdown: CancellationToken,
 }
@@ -358,13 +360,30 @@ impl EdgeHandle {
         true
     }
 
-    /// Publishes as the hub itself (no ACL: the hub may publish anywhere), at QoS 0.
-    pub async fn publish(&self, topic: &str, payload: Bytes, retain: bool) -> Result<(), Error> {
+    /// Publishes as the hub itself (no ACL: the hub may publish anywhere), at
+    /// QoS 0 or 1. The router's acknowledgement of a QoS 1 message goes to the
+    /// hub link's drain task.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        qos: Qos,
+        retain: bool,
+    ) -> Result<(), Error> {
         acl::validate_topic(topic, limits(&self.shared.cfg)).map_err(|source| Error::Topic {
             topic: topic.to_owned(),
             source,
         })?;
-        let publish = Publish::new(Bytes::from(escape_dollar(topic)), payload, retain);
+        let topic = Bytes::from(escape_dollar(topic));
+        let publish = match qos {
+            Qos::AtMostOnce => Publish::new(topic, payload, retain),
+            Qos::AtLeastOnce => {
+                // Packet ids 1..=65535 in turn: the hub never has that many in flight.
+                let n = self.shared.next_hub_pkid.fetch_add(1, Ordering::Relaxed);
+                let pkid = (n % 65535 + 1) as u16;
+                publish_with_qos(topic, payload, QoS::AtLeastOnce, retain, pkid)
+            }
+        };
         let mut tx = self.shared.hub_tx.lock().await;
         tx.send(Packet::Publish(publish, None))
             .await
@@ -542,6 +561,7 @@ pub async fn start(
         hub_tx: tokio::sync::Mutex::new(hub_tx),
         local_addr,
         next_watch: AtomicU64::new(1),
+        next_hub_pkid: AtomicU64::new(0),
         shutdown: shutdown.clone(),
     });
     let handle = EdgeHandle {

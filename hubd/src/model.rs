@@ -94,6 +94,13 @@ pub fn base32_lower(bytes: &[u8]) -> String {
     out
 }
 
+/// MQTT quality of service as the hub offers it: QoS 2 is not supported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Qos {
+    AtMostOnce,
+    AtLeastOnce,
+}
+
 /// A device's name as the householder typed it: 1 to 64 characters, no control
 /// characters, not only white space.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -167,14 +167,26 @@ impl TestHub {
         Ok(Watch { stream })
     }
 
-    /// Publishes as the hub.
+    /// Publishes as the hub, at QoS 0.
     pub async fn publish(&self, topic: &str, payload: &[u8], retain: bool) -> anyhow::Result<()> {
+        self.publish_qos(topic, payload, 0, retain).await
+    }
+
+    /// Publishes as the hub at `qos` (0 or 1).
+    pub async fn publish_qos(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        qos: u32,
+        retain: bool,
+    ) -> anyhow::Result<()> {
         self.admin()
             .await?
             .publish(pb::PublishRequest {
                 topic: topic.to_owned(),
                 payload: payload.to_vec(),
                 retain,
+                qos,
             })
             .await?;
         Ok(())

@@ -109,3 +109,118 @@ pub async fn try_plaintext(addr: SocketAddr, connect: &[u8]) -> Outcome {
         Err(e) => Outcome::Refused(format!("tcp: {e}")),
     }
 }
+
+/// An MQTT CONNECT at `level` (4 or 5) with the given keep-alive.
+pub fn connect_with_keepalive(client_id: &str, level: u8, keep_alive: u16) -> Vec<u8> {
+    let mut packet = connect_packet(client_id, level);
+    // Keep-alive sits after the 2-byte remaining length (short packets), the
+    // protocol name (6), level (1) and flags (1).
+    packet[10..12].copy_from_slice(&keep_alive.to_be_bytes());
+    packet
+}
+
+fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
+    let mut packet = vec![byte1];
+    remaining_length(body.len(), &mut packet);
+    packet.extend_from_slice(body);
+    packet
+}
+
+/// A PUBLISH; `pkid` is used for QoS 1 and 2.
+pub fn publish_packet(topic: &str, payload: &[u8], qos: u8, pkid: u16, v5: bool) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    if qos > 0 {
+        body.extend_from_slice(&pkid.to_be_bytes());
+    }
+    if v5 {
+        body.push(0);
+    }
+    body.extend_from_slice(payload);
+    frame(0x30 | (qos << 1), &body)
+}
+
+/// A SUBSCRIBE for one filter.
+pub fn subscribe_packet(pkid: u16, filter: &str, qos: u8, v5: bool) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    if v5 {
+        body.push(0);
+    }
+    body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    body.extend_from_slice(filter.as_bytes());
+    body.push(qos);
+    frame(0x82, &body)
+}
+
+/// A live session after a successful CONNACK, at the byte level.
+pub struct Session {
+    pub stream: tokio_rustls::client::TlsStream<TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl Session {
+    /// TLS, CONNECT, and a successful CONNACK, or an error saying what happened.
+    pub async fn open(
+        addr: SocketAddr,
+        config: Arc<ClientConfig>,
+        connect: &[u8],
+    ) -> anyhow::Result<Session> {
+        let tcp = TcpStream::connect(addr).await?;
+        let stream = TlsConnector::from(config)
+            .connect(loopback_name(), tcp)
+            .await?;
+        let mut session = Session {
+            stream,
+            buf: Vec::new(),
+        };
+        session.stream.write_all(connect).await?;
+        let (byte1, body) = session
+            .read()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("closed before CONNACK"))?;
+        anyhow::ensure!(
+            byte1 == 0x20 && body.get(1) == Some(&0),
+            "not a successful CONNACK: {byte1:02x} {body:02x?}"
+        );
+        Ok(session)
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
+    }
+
+    /// The next packet as (first byte, body), or None when the server closed.
+    pub async fn read(&mut self) -> anyhow::Result<Option<(u8, Vec<u8>)>> {
+        loop {
+            if let Some((len, header)) = parse_header(&self.buf) {
+                if self.buf.len() >= header + len {
+                    let byte1 = self.buf[0];
+                    let body = self.buf[header..header + len].to_vec();
+                    self.buf.drain(..header + len);
+                    return Ok(Some((byte1, body)));
+                }
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Ok(None),
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(_) => anyhow::bail!("nothing from the server within {WAIT:?}"),
+            }
+        }
+    }
+}
+
+/// (remaining length, header length) of the packet at the start of `buf`.
+fn parse_header(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut len = 0usize;
+    for i in 1..5 {
+        let b = *buf.get(i)?;
+        len |= usize::from(b & 0x7f) << (7 * (i - 1));
+        if b & 0x80 == 0 {
+            return Some((len, i + 1));
+        }
+    }
+    None
+}

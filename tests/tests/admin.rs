@@ -187,6 +187,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
             topic: "d/+/cmd".into(),
             payload: vec![],
             retain: false,
+            qos: 0,
         })
         .await
         .unwrap_err();
@@ -284,6 +285,7 @@ async fn permission_probe_child() {
                     topic: "d/x/cmd/y".into(),
                     payload: vec![],
                     retain: false,
+                    qos: 0,
                 })
                 .await
                 .map(|_| ()),

@@ -149,3 +149,63 @@ async fn mosquitto_clients_connect_publish_and_are_refused_elsewhere() {
     .await;
     assert!(!out.status.success());
 }
+
+#[tokio::test]
+async fn a_csr_made_by_openssl_as_the_readme_shows_enrols_and_connects() {
+    require("openssl");
+    let hub = TestHub::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.pem");
+    let csr = dir.path().join("req.csr");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        key.to_str().unwrap(),
+    ]);
+    run(&[
+        "req",
+        "-new",
+        "-key",
+        key.to_str().unwrap(),
+        "-subj",
+        "/CN=device",
+        "-out",
+        csr.to_str().unwrap(),
+    ]);
+    let resp = hub
+        .admin()
+        .await
+        .unwrap()
+        .enroll_device(hub_proto::v1::EnrollDeviceRequest {
+            name: "openssl device".into(),
+            csr_pem: std::fs::read_to_string(&csr).unwrap(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let dev = DeviceIdentity {
+        id: resp.device.unwrap().id,
+        key_pem: std::fs::read_to_string(&key).unwrap(),
+        cert_pem: resp.cert_pem,
+        ca_pem: resp.ca_chain_pem,
+    };
+    // openssl's "EC PRIVATE KEY" (SEC1) form works with rustls too.
+    hub_tests::SimDevice::connect(&dev, hub.mqtt_addr)
+        .await
+        .unwrap();
+}
