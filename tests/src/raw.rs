@@ -194,13 +194,13 @@ impl Session {
     /// The next packet as (first byte, body), or None when the server closed.
     pub async fn read(&mut self) -> anyhow::Result<Option<(u8, Vec<u8>)>> {
         loop {
-            if let Some((len, header)) = parse_header(&self.buf) {
-                if self.buf.len() >= header + len {
-                    let byte1 = self.buf[0];
-                    let body = self.buf[header..header + len].to_vec();
-                    self.buf.drain(..header + len);
-                    return Ok(Some((byte1, body)));
-                }
+            if let Some((len, header)) = parse_header(&self.buf)
+                && self.buf.len() >= header + len
+            {
+                let byte1 = self.buf[0];
+                let body = self.buf[header..header + len].to_vec();
+                self.buf.drain(..header + len);
+                return Ok(Some((byte1, body)));
             }
             let mut chunk = [0u8; 16 * 1024];
             match tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await {

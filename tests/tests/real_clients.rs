@@ -51,7 +51,7 @@ async fn mosquitto_clients_connect_publish_and_are_refused_elsewhere() {
     let dir = tempfile::tempdir().unwrap();
     let port = hub.mqtt_addr.port();
     let state = format!("d/{}/state", a.id);
-    let mut watch = hub.watch(&format!("d/+/state")).await.unwrap();
+    let mut watch = hub.watch("d/+/state").await.unwrap();
 
     // Its own state topic, MQTT 3.1.1 and 5, QoS 1: accepted and routed.
     for version in ["mqttv311", "mqttv5"] {
