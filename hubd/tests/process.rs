@@ -23,6 +23,10 @@ struct Hubd {
 
 /// Starts the binary with a scrubbed environment and a NOTIFY_SOCKET of our own.
 fn spawn(dir: &Path, tag: &str) -> (Child, UnixDatagram, PathBuf) {
+    spawn_with_env(dir, tag, &[])
+}
+
+fn spawn_with_env(dir: &Path, tag: &str, extra: &[(&str, &str)]) -> (Child, UnixDatagram, PathBuf) {
     let notify_path = dir.join(format!("notify-{tag}.sock"));
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify.set_read_timeout(Some(WAIT)).unwrap();
@@ -36,6 +40,7 @@ fn spawn(dir: &Path, tag: &str) -> (Child, UnixDatagram, PathBuf) {
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", dir)
         .env("NOTIFY_SOCKET", &notify_path)
+        .envs(extra.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -257,4 +262,30 @@ fn config_flags() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn the_watchdog_is_fed_when_systemd_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    // 400 ms: hubd must send WATCHDOG=1 at half that.
+    let (child, notify, socket) = spawn_with_env(dir.path(), "1", &[("WATCHDOG_USEC", "400000")]);
+    let mqtt = wait_ready(&notify);
+    let mut buf = [0u8; 4096];
+    let mut pings = 0;
+    while pings < 3 {
+        let n = notify.recv(&mut buf).expect("WATCHDOG=1 keeps coming");
+        if String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .any(|l| l == "WATCHDOG=1")
+        {
+            pings += 1;
+        }
+    }
+    let (status, ..) = terminate(Hubd {
+        child,
+        notify,
+        mqtt,
+        socket,
+    });
+    assert!(status.success());
 }
