@@ -198,6 +198,9 @@ pub struct ApiState {
 
 struct Service {
     state: ApiState,
+    /// Ends open `Watch` streams when the API stops: graceful shutdown waits
+    /// for every stream, and a watch would otherwise never finish.
+    stop: CancellationToken,
 }
 
 /// Serves the admin API on `listener` until `shutdown`.
@@ -208,7 +211,13 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let incoming = async_stream(listener, admin_group);
-    let service = AdminServer::with_interceptor(Service { state }, authorize);
+    let service = AdminServer::with_interceptor(
+        Service {
+            state,
+            stop: shutdown.clone(),
+        },
+        authorize,
+    );
     tonic::transport::Server::builder()
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
@@ -309,13 +318,16 @@ impl Admin for Service {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let filter = req.into_inner().filter;
         let rx = self.state.edge.watch(&filter).await?;
-        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|m| {
-            Ok(pb::WatchMessage {
-                topic: m.topic,
-                payload: m.payload.to_vec(),
-                retain: m.retain,
-            })
-        });
+        let stop = self.stop.clone().cancelled_owned();
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
+            .take_until(stop)
+            .map(|m| {
+                Ok(pb::WatchMessage {
+                    topic: m.topic,
+                    payload: m.payload.to_vec(),
+                    retain: m.retain,
+                })
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 

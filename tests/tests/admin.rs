@@ -365,3 +365,16 @@ async fn a_caller_whose_uid_is_not_allowed_gets_permission_denied_on_every_rpc()
     // Root (this process) is still served.
     hub.status().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_open_watch_does_not_hold_up_shutdown() {
+    let hub = TestHub::start().await.unwrap();
+    let _watch = hub.watch("#").await.unwrap();
+    let started = std::time::Instant::now();
+    hub.stop().await.unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+}
