@@ -89,10 +89,16 @@ fn run(args: Args) -> anyhow::Result<()> {
             .parse()
             .with_context(|| format!("--listen {listen:?}: invalid socket address"))?;
     }
+    // Paths on the command line are relative to where hubd was started; the
+    // config file insists on absolute ones.
     if let Some(dir) = args.state_dir {
+        let dir = std::path::absolute(&dir)
+            .with_context(|| format!("--state-dir {}: cannot resolve", dir.display()))?;
         config.hub.state_dir = Some(dir);
     }
     if let Some(socket) = args.socket {
+        let socket = std::path::absolute(&socket)
+            .with_context(|| format!("--socket {}: cannot resolve", socket.display()))?;
         config.admin.socket = Some(socket);
     }
     config.validate()?;

@@ -289,3 +289,39 @@ fn the_watchdog_is_fed_when_systemd_asks() {
     });
     assert!(status.success());
 }
+
+#[test]
+fn relative_paths_on_the_command_line_are_taken_from_the_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(WAIT)).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_hubd"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            "state",
+            "--socket",
+            "run/hubd.sock",
+        ])
+        .current_dir(dir.path())
+        .env_clear()
+        .env("HOME", dir.path())
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mqtt = wait_ready(&notify);
+    assert!(dir.path().join("state/ca/ca.pem").is_file());
+    let socket = dir.path().join("run/hubd.sock");
+    assert!(socket.exists());
+    let (status, ..) = terminate(Hubd {
+        child,
+        notify,
+        mqtt,
+        socket,
+    });
+    assert!(status.success());
+}
