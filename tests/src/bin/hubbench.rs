@@ -145,7 +145,7 @@ struct RunResult {
     /// Whether `rss_peak_kib` covers only this run.
     peak_is_per_run: bool,
     /// This process's peak resident set during the run, in KiB: for Mosquitto
-    /// runs, what the bench clients alone cost.
+    /// runs, the idle hub plus the same bench clients, for comparison.
     bench_peak_kib: u64,
     /// hubd only: the `dropped_slow_subscriber` counter's growth in this run.
     hub_dropped: Option<u64>,
@@ -813,8 +813,8 @@ fn print_table(
         .map(|r| format!("qos {}: {}", r.qos as u8, mib(r.bench_peak_kib)))
         .collect();
     println!(
-        "  hubd RSS is the whole hubbench process (hub + bench clients + tokio); the clients \
-         alone peaked at {} during the mosquitto runs",
+        "  hubd RSS is the whole hubbench process (hub + bench clients + tokio); during the \
+         mosquitto runs the same process (hub idle, same clients) peaked at {}",
         client_peaks.join(", ")
     );
     if results.iter().any(|r| !r.peak_is_per_run) {
