@@ -1222,6 +1222,49 @@ async fn refuse(
     let _ = tls.shutdown().await;
 }
 
+/// Decides whether a CONNECT may open a session and as whom, or which
+/// CONNACK code refuses it and why.
+fn admit_connect(
+    shared: &Shared,
+    id: &DeviceId,
+    serial: &str,
+    client_id: &str,
+    will: Option<&LastWill>,
+    codec: &Codec,
+) -> Result<Principal, (ConnectReturnCode, String)> {
+    if !client_id.is_empty() && client_id != id.as_str() {
+        return Err((
+            ConnectReturnCode::ClientIdentifierNotValid,
+            format!("client id {client_id:?} does not match certificate device id {id}"),
+        ));
+    }
+    let principal = shared
+        .gate
+        .admit(id, serial)
+        .map_err(|why| (ConnectReturnCode::NotAuthorized, why))?;
+    if let Some(w) = will {
+        let allowed = std::str::from_utf8(&w.topic).is_ok_and(|t| {
+            acl::validate_topic(t, limits(&shared.cfg)).is_ok() && acl::check_publish(&principal, t)
+        });
+        if !allowed {
+            return Err((
+                ConnectReturnCode::NotAuthorized,
+                "last will topic is not one this device may publish to".into(),
+            ));
+        }
+    }
+    let sessions = lock(&shared.sessions);
+    if sessions.len() >= shared.cfg.max_connections && !sessions.contains_key(id) {
+        let code = if codec.is_v5() {
+            ConnectReturnCode::ServerBusy
+        } else {
+            ConnectReturnCode::ServiceUnavailable
+        };
+        return Err((code, "too many connections".into()));
+    }
+    Ok(principal)
+}
+
 /// Reads the CONNECT, checks identity and rights, then runs the session.
 async fn session(
     shared: Arc<Shared>,
@@ -1300,75 +1343,13 @@ async fn session(
         clean_session,
     } = connect;
 
-    if !client_id.is_empty() && client_id != id.as_str() {
-        let why = format!("client id {client_id:?} does not match certificate device id {id}");
-        refuse(
-            &shared,
-            tls,
-            &codec,
-            ConnectReturnCode::ClientIdentifierNotValid,
-            peer,
-            &id,
-            &why,
-        )
-        .await;
-        return;
-    }
-    let principal = match shared.gate.admit(&id, &serial) {
+    let principal = match admit_connect(&shared, &id, &serial, &client_id, will.as_ref(), &codec) {
         Ok(p) => p,
-        Err(why) => {
-            refuse(
-                &shared,
-                tls,
-                &codec,
-                ConnectReturnCode::NotAuthorized,
-                peer,
-                &id,
-                &why,
-            )
-            .await;
+        Err((code, why)) => {
+            refuse(&shared, tls, &codec, code, peer, &id, &why).await;
             return;
         }
     };
-    if let Some(w) = &will {
-        let allowed = std::str::from_utf8(&w.topic).is_ok_and(|t| {
-            acl::validate_topic(t, limits(&shared.cfg)).is_ok() && acl::check_publish(&principal, t)
-        });
-        if !allowed {
-            let why = "last will topic is not one this device may publish to";
-            refuse(
-                &shared,
-                tls,
-                &codec,
-                ConnectReturnCode::NotAuthorized,
-                peer,
-                &id,
-                why,
-            )
-            .await;
-            return;
-        }
-    }
-    if lock(&shared.sessions).len() >= shared.cfg.max_connections
-        && !lock(&shared.sessions).contains_key(&id)
-    {
-        let code = if codec.is_v5() {
-            ConnectReturnCode::ServerBusy
-        } else {
-            ConnectReturnCode::ServiceUnavailable
-        };
-        refuse(
-            &shared,
-            tls,
-            &codec,
-            code,
-            peer,
-            &id,
-            "too many connections",
-        )
-        .await;
-        return;
-    }
 
     // Register, taking over any older session of the same device. The old one
     // must be fully gone (its router link removed) before the new link is
