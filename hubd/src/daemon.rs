@@ -36,6 +36,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 /// How often the server certificate's expiry is checked.
 const RENEW_CHECK: Duration = Duration::from_secs(3600);
 
+/// How often informational writes (last seen) are made durable. redb also
+/// reuses freed pages only after a durable commit.
+const FLUSH_EVERY: Duration = Duration::from_secs(60);
+
 /// Why the daemon could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -205,6 +209,7 @@ pub async fn run(
         aux_stop.clone(),
         failed_tx.clone(),
     ));
+    aux_tasks.spawn(flush_store(registry.clone(), aux_stop.clone()));
     drop(failed_tx);
 
     let status = format!(
@@ -249,6 +254,23 @@ pub async fn run(
     drop(registry);
     info!("stopped");
     outcome
+}
+
+async fn flush_store(registry: RegistryHandle, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(FLUSH_EVERY);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let r = registry.clone();
+        match tokio::task::spawn_blocking(move || r.store().flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "periodic store flush failed"),
+            Err(_) => warn!("periodic store flush task panicked"),
+        }
+    }
 }
 
 async fn renew_server_cert(
