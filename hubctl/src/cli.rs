@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use clap::builder::TypedValueParser;
 use clap::parser::ValueSource;
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{ArgGroup, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::socket;
 
@@ -40,11 +40,23 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List, inspect, enroll, revoke and disconnect devices.
+    /// List, inspect, enroll, rename, remove and grant rights to devices.
     Devices {
         #[command(subcommand)]
         command: DevicesCommand,
     },
+    /// Open a pairing window and print its setup code (or list and cancel
+    /// windows, or enrol a device that cannot make its own key with --bundle).
+    Pair(PairArgs),
+    /// Cut a device off from commands; it can still report its state.
+    Isolate {
+        id: DeviceId,
+        /// Why, shown in `devices list` and in the device's isolation notice.
+        #[arg(long, value_name = "TEXT", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        reason: String,
+    },
+    /// Let commands reach an isolated device again.
+    Release { id: DeviceId },
     /// Publish a message as the hub itself, e.g. a command to d/<id>/cmd/on.
     Publish {
         /// The topic to publish on; it may not contain wildcards.
@@ -109,6 +121,212 @@ pub(crate) enum DevicesCommand {
     Revoke { id: DeviceId },
     /// Close a device's live session; it may reconnect.
     Disconnect { id: DeviceId },
+    /// Give a device a new name.
+    Rename {
+        id: DeviceId,
+        /// The new name, 1 to 64 characters.
+        name: String,
+    },
+    /// Revoke a device, close its session and delete its records.
+    Remove {
+        id: DeviceId,
+        /// First send the device a reset command and report whether it acknowledged.
+        #[arg(long)]
+        reset: bool,
+        /// How long to wait for the acknowledgement, e.g. 10s or 1m [default: hubd's, 5s].
+        #[arg(long, value_name = "DURATION", requires = "reset", value_parser = parse_duration)]
+        timeout: Option<u32>,
+    },
+    /// Add topic filters to an integration's grants.
+    #[command(group(ArgGroup::new("filters").required(true).multiple(true).args(["allow_pub", "allow_sub"])))]
+    Grant {
+        id: DeviceId,
+        #[command(flatten)]
+        grants: GrantArgs,
+    },
+    /// Remove topic filters from an integration's grants.
+    #[command(group(ArgGroup::new("filters").required(true).multiple(true).args(["allow_pub", "allow_sub"])))]
+    RevokeGrant {
+        id: DeviceId,
+        #[command(flatten)]
+        grants: GrantArgs,
+    },
+}
+
+/// MQTT topic filters an integration may publish or subscribe to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Args)]
+pub(crate) struct GrantArgs {
+    /// A topic filter the integration may publish to, e.g. d/+/cmd/# (repeatable).
+    #[arg(long = "allow-pub", value_name = "FILTER", value_parser = parse_filter)]
+    pub(crate) allow_pub: Vec<String>,
+    /// A topic filter the integration may subscribe to, e.g. d/+/state (repeatable).
+    #[arg(long = "allow-sub", value_name = "FILTER", value_parser = parse_filter)]
+    pub(crate) allow_sub: Vec<String>,
+}
+
+impl GrantArgs {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.allow_pub.is_empty() && self.allow_sub.is_empty()
+    }
+}
+
+/// The `pair` options that only go with --name.
+const NAME_ONLY: [&str; 6] = [
+    "role",
+    "window",
+    "allow_pub",
+    "allow_sub",
+    "bundle",
+    "force",
+];
+
+/// `pair`: exactly one of --name (open a window, or enrol with --bundle),
+/// --list and --cancel.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("mode").required(true).args(["name", "list", "cancel"])))]
+pub(crate) struct PairArgs {
+    /// Open a pairing window for a device to be called NAME (1 to 64 characters).
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    // clap lets an arg `requires` a member of a group whose other member is
+    // present, so the options of --name are refused here explicitly.
+    /// List the open pairing windows.
+    #[arg(long, conflicts_with_all = NAME_ONLY)]
+    pub(crate) list: bool,
+    /// Close a pairing window before it is used or expires.
+    #[arg(long, value_name = "CLAIM_ID", conflicts_with_all = NAME_ONLY)]
+    pub(crate) cancel: Option<ClaimId>,
+    /// What pairs: a device (its own topics only) or an integration (the
+    /// topics granted with --allow-pub and --allow-sub).
+    #[arg(long, value_enum, requires = "name")]
+    pub(crate) role: Option<RoleArg>,
+    /// How long the window stays open, e.g. 90s, 5m or 1h [default: hubd's, 5m].
+    #[arg(long, value_name = "DURATION", requires = "name", conflicts_with = "bundle", value_parser = parse_duration)]
+    pub(crate) window: Option<u32>,
+    #[command(flatten)]
+    pub(crate) grants: GrantArgs,
+    /// Instead of opening a window, have hubd make the device's key and
+    /// certificate and write key.pem, cert.pem and ca.pem to DIR (mode 0600).
+    /// Only for devices that cannot make their own key: the key travels.
+    #[arg(long, value_name = "DIR", requires = "name")]
+    pub(crate) bundle: Option<PathBuf>,
+    /// With --bundle: replace key.pem, cert.pem and ca.pem if they exist.
+    #[arg(long, requires = "bundle")]
+    pub(crate) force: bool,
+    /// Print JSON instead of text.
+    #[arg(long, conflicts_with_all = ["bundle", "cancel"])]
+    pub(crate) json: bool,
+}
+
+/// What `pair` was asked to do, once clap has checked the combination.
+#[derive(Debug)]
+pub(crate) enum PairMode {
+    Open {
+        name: String,
+        role: RoleArg,
+        window_seconds: u32,
+        grants: GrantArgs,
+        json: bool,
+    },
+    Bundle {
+        name: String,
+        role: RoleArg,
+        grants: GrantArgs,
+        dir: PathBuf,
+        force: bool,
+    },
+    List {
+        json: bool,
+    },
+    Cancel {
+        claim: ClaimId,
+    },
+}
+
+impl PairArgs {
+    /// The mode; the `mode` group guarantees that exactly one was chosen.
+    pub(crate) fn into_mode(self) -> PairMode {
+        let role = self.role.unwrap_or(RoleArg::Device);
+        match (self.name, self.cancel) {
+            (Some(name), _) => match self.bundle {
+                Some(dir) => PairMode::Bundle {
+                    name,
+                    role,
+                    grants: self.grants,
+                    dir,
+                    force: self.force,
+                },
+                None => PairMode::Open {
+                    name,
+                    role,
+                    window_seconds: self.window.unwrap_or(0),
+                    grants: self.grants,
+                    json: self.json,
+                },
+            },
+            (None, Some(claim)) => PairMode::Cancel { claim },
+            (None, None) => PairMode::List { json: self.json },
+        }
+    }
+}
+
+/// The role of a device being paired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum RoleArg {
+    /// A device: its own d/<id>/ topics only.
+    Device,
+    /// Home Assistant, Node-RED and the like: the topic filters it was granted.
+    Integration,
+}
+
+/// A duration as typed by the user: `90`, `90s`, `5m`, `1h`, `1h30m`; whole
+/// seconds, more than zero.
+fn parse_duration(s: &str) -> Result<u32, String> {
+    let bad = || format!("{s:?} is not a duration like 90s, 5m or 1h");
+    if s.is_empty() {
+        return Err(bad());
+    }
+    let mut total: u64 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(bad());
+        }
+        let (number, tail) = rest.split_at(digits);
+        let number: u64 = number.parse().map_err(|_| bad())?;
+        let mut chars = tail.chars();
+        let (unit, tail) = match chars.next() {
+            None => (1, ""),
+            Some('s') => (1, chars.as_str()),
+            Some('m') => (60, chars.as_str()),
+            Some('h') => (3_600, chars.as_str()),
+            Some(_) => return Err(bad()),
+        };
+        total = number
+            .checked_mul(unit)
+            .and_then(|n| total.checked_add(n))
+            .ok_or_else(bad)?;
+        rest = tail;
+    }
+    if total == 0 {
+        return Err("a duration must be longer than 0s".to_owned());
+    }
+    u32::try_from(total).map_err(|_| format!("{s:?} is too long"))
+}
+
+/// An MQTT topic filter as typed by the user: non-empty, no control characters.
+/// hubd checks the rest (wildcard placement, what it allows).
+fn parse_filter(s: &str) -> Result<String, &'static str> {
+    if s.is_empty() {
+        Err("a topic filter cannot be empty")
+    } else if s.chars().any(char::is_control) {
+        Err("a topic filter has no control characters")
+    } else {
+        Ok(s.to_owned())
+    }
 }
 
 /// A device id as typed by the user: non-empty, no whitespace or control characters.
@@ -135,6 +353,36 @@ impl FromStr for DeviceId {
             Err("a device id cannot be empty")
         } else if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
             Err("a device id has no spaces or control characters")
+        } else {
+            Ok(Self(s.to_owned()))
+        }
+    }
+}
+
+/// A pairing window's claim id: non-empty, no whitespace or control characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ClaimId(String);
+
+impl ClaimId {
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ClaimId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for ClaimId {
+    type Err = &'static str;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            Err("a claim id cannot be empty")
+        } else if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            Err("a claim id has no spaces or control characters")
         } else {
             Ok(Self(s.to_owned()))
         }
@@ -168,6 +416,17 @@ where
     let mut cmd = Cli::command();
     let matches = cmd.try_get_matches_from_mut(args)?;
     let cli = Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))?;
+    if let Command::Pair(pair) = &cli.command
+        && !pair.grants.is_empty()
+        && pair.role != Some(RoleArg::Integration)
+    {
+        // The error names `pair`'s usage, as clap's own errors for it do.
+        let mut pair_cmd = cmd.find_subcommand("pair").cloned().unwrap_or_default();
+        return Err(pair_cmd.error(
+            clap::error::ErrorKind::ArgumentConflict,
+            "--allow-pub and --allow-sub need --role integration: a device has only its own topics",
+        ));
+    }
     let from_command_line = matches!(
         matches.value_source("socket"),
         Some(ValueSource::CommandLine)
@@ -273,6 +532,264 @@ mod tests {
         assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
         let e = parse_with(&["hubctl", "publish", "t", "x", "--file", "f"], &[]).expect_err("both");
         assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn durations() {
+        for (text, secs) in [
+            ("90", 90),
+            ("90s", 90),
+            ("5m", 300),
+            ("1h", 3_600),
+            ("1h30m", 5_400),
+            ("2m5s", 125),
+        ] {
+            assert_eq!(parse_duration(text), Ok(secs), "{text}");
+        }
+        for text in [
+            "",
+            "0",
+            "0s",
+            "m",
+            "5x",
+            "1.5m",
+            "-5m",
+            "5 m",
+            "99999999999999999999s",
+            "1193047h",
+        ] {
+            assert!(parse_duration(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn pair_modes() {
+        let mode = |args: &[&str]| match parse_with(args, &[]).expect("parses").command {
+            Command::Pair(pair) => pair.into_mode(),
+            other => panic!("not pair: {other:?}"),
+        };
+        assert!(matches!(
+            mode(&["hubctl", "pair", "--name", "x"]),
+            PairMode::Open { role: RoleArg::Device, window_seconds: 0, json: false, ref grants, .. }
+                if grants.is_empty()
+        ));
+        match mode(&[
+            "hubctl",
+            "pair",
+            "--name",
+            "ha",
+            "--role",
+            "integration",
+            "--window",
+            "2m",
+            "--allow-sub",
+            "d/+/state",
+            "--allow-pub",
+            "a/b",
+            "--allow-sub",
+            "x/#",
+            "--json",
+        ]) {
+            PairMode::Open {
+                name,
+                role,
+                window_seconds,
+                grants,
+                json,
+            } => {
+                assert_eq!(
+                    (name.as_str(), role, window_seconds, json),
+                    ("ha", RoleArg::Integration, 120, true)
+                );
+                assert_eq!(grants.allow_pub, ["a/b"]);
+                assert_eq!(grants.allow_sub, ["d/+/state", "x/#"]);
+            }
+            other => panic!("not open: {other:?}"),
+        }
+        assert!(matches!(
+            mode(&["hubctl", "pair", "--name", "x", "--bundle", "/b", "--force"]),
+            PairMode::Bundle { force: true, ref dir, .. } if dir == Path::new("/b")
+        ));
+        assert!(matches!(
+            mode(&["hubctl", "pair", "--list", "--json"]),
+            PairMode::List { json: true }
+        ));
+        assert!(matches!(
+            mode(&["hubctl", "pair", "--cancel", "c1"]),
+            PairMode::Cancel { ref claim } if claim.as_str() == "c1"
+        ));
+
+        use clap::error::ErrorKind;
+        for (args, kind) in [
+            (&["hubctl", "pair"][..], ErrorKind::MissingRequiredArgument),
+            (
+                &["hubctl", "pair", "--name", "x", "--list"],
+                ErrorKind::ArgumentConflict,
+            ),
+            (
+                &["hubctl", "pair", "--list", "--cancel", "c"],
+                ErrorKind::ArgumentConflict,
+            ),
+            (
+                &["hubctl", "pair", "--list", "--role", "device"],
+                ErrorKind::ArgumentConflict,
+            ),
+            (
+                &["hubctl", "pair", "--list", "--window", "5m"],
+                ErrorKind::ArgumentConflict,
+            ),
+            (
+                &["hubctl", "pair", "--cancel", "c", "--bundle", "d"],
+                ErrorKind::ArgumentConflict,
+            ),
+            (
+                &["hubctl", "pair", "--cancel", "c", "--allow-pub", "a"],
+                ErrorKind::ArgumentConflict,
+            ),
+            (
+                &["hubctl", "pair", "--role", "device"],
+                ErrorKind::MissingRequiredArgument,
+            ),
+            (
+                &["hubctl", "pair", "--cancel", "c", "--json"],
+                ErrorKind::ArgumentConflict,
+            ),
+            (
+                &["hubctl", "pair", "--name", "x", "--bundle", "d", "--json"],
+                ErrorKind::ArgumentConflict,
+            ),
+            (
+                &[
+                    "hubctl", "pair", "--name", "x", "--bundle", "d", "--window", "5m",
+                ],
+                ErrorKind::ArgumentConflict,
+            ),
+            (
+                &["hubctl", "pair", "--name", "x", "--force"],
+                ErrorKind::MissingRequiredArgument,
+            ),
+            (
+                &["hubctl", "pair", "--name", "x", "--window", "0"],
+                ErrorKind::ValueValidation,
+            ),
+            (
+                &["hubctl", "pair", "--name", "x", "--role", "admin"],
+                ErrorKind::InvalidValue,
+            ),
+            (
+                &["hubctl", "pair", "--name", "x", "--allow-pub", "a"],
+                ErrorKind::ArgumentConflict,
+            ),
+            (
+                &[
+                    "hubctl",
+                    "pair",
+                    "--name",
+                    "x",
+                    "--role",
+                    "device",
+                    "--allow-sub",
+                    "a",
+                ],
+                ErrorKind::ArgumentConflict,
+            ),
+            (
+                &[
+                    "hubctl",
+                    "pair",
+                    "--name",
+                    "x",
+                    "--role",
+                    "integration",
+                    "--allow-sub",
+                    "",
+                ],
+                ErrorKind::ValueValidation,
+            ),
+            (
+                &["hubctl", "pair", "--cancel", "a b"],
+                ErrorKind::ValueValidation,
+            ),
+        ] {
+            let e = parse_with(args, &[]).expect_err(&format!("{args:?}"));
+            assert_eq!(e.kind(), kind, "{args:?}");
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn device_commands_check_their_arguments() {
+        use clap::error::ErrorKind;
+        for (args, kind) in [
+            (
+                &["hubctl", "isolate", "x"][..],
+                ErrorKind::MissingRequiredArgument,
+            ),
+            (
+                &["hubctl", "isolate", "x", "--reason", ""],
+                ErrorKind::InvalidValue,
+            ),
+            (&["hubctl", "release"], ErrorKind::MissingRequiredArgument),
+            (
+                &["hubctl", "devices", "grant", "x"],
+                ErrorKind::MissingRequiredArgument,
+            ),
+            (
+                &["hubctl", "devices", "revoke-grant", "x"],
+                ErrorKind::MissingRequiredArgument,
+            ),
+            (
+                &["hubctl", "devices", "remove", "x", "--timeout", "5s"],
+                ErrorKind::MissingRequiredArgument,
+            ),
+            (
+                &["hubctl", "devices", "rename", "x"],
+                ErrorKind::MissingRequiredArgument,
+            ),
+        ] {
+            let e = parse_with(args, &[]).expect_err(&format!("{args:?}"));
+            assert_eq!(e.kind(), kind, "{args:?}");
+        }
+        let inv = parse_with(
+            &[
+                "hubctl",
+                "devices",
+                "remove",
+                "x",
+                "--reset",
+                "--timeout",
+                "1m",
+            ],
+            &[],
+        )
+        .expect("parses");
+        assert!(matches!(
+            inv.command,
+            Command::Devices {
+                command: DevicesCommand::Remove {
+                    reset: true,
+                    timeout: Some(60),
+                    ..
+                }
+            }
+        ));
+        let inv = parse_with(
+            &[
+                "hubctl",
+                "devices",
+                "grant",
+                "x",
+                "--allow-sub",
+                "d/+/state",
+            ],
+            &[],
+        )
+        .expect("parses");
+        assert!(matches!(
+            inv.command,
+            Command::Devices { command: DevicesCommand::Grant { ref grants, .. } }
+                if grants.allow_sub == ["d/+/state"] && grants.allow_pub.is_empty()
+        ));
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStringExt;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,8 +13,11 @@ use hub_proto::v1::admin_client::AdminClient;
 use tonic::transport::Channel;
 
 use crate::Error;
-use crate::cli::{Command, DevicesCommand, Invocation};
-use crate::output::{self, DeviceListView, DeviceView, StatusView, WatchMessageView};
+use crate::cli::{Command, DevicesCommand, GrantArgs, Invocation, PairMode, RoleArg};
+use crate::output::{
+    self, DeviceListView, DeviceView, PairingListView, PairingOpenedView, PairingWindowView,
+    RoleView, StatusView, WatchMessageView,
+};
 
 /// How long to wait for the socket to accept. A Unix socket connects at once
 /// or fails at once; this only bounds a hubd that is wedged.
@@ -33,8 +36,23 @@ const MAX_CSR_BYTES: u64 = 64 * 1024;
 /// reading a huge file to send what no gRPC server accepts (4 MiB a message).
 const MAX_PAYLOAD_BYTES: u64 = 4 * 1024 * 1024;
 
-/// Runs `inv`, printing its result to `out`.
-pub(crate) async fn execute(inv: Invocation, out: &mut dyn Write) -> Result<(), Error> {
+/// What hubd waits for a reset acknowledgement when `--timeout` is not given
+/// (admin.proto: 0 means 5 seconds).
+const DEFAULT_RESET_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Mode of the files of an offline bundle: the key is secret, and the
+/// certificates need be read by no one else either.
+const BUNDLE_FILE_MODE: u32 = 0o600;
+
+/// Mode of the certificate files `devices enroll` writes (less the umask).
+const CERT_FILE_MODE: u32 = 0o666;
+
+/// Runs `inv`, printing its result to `out` and warnings to `err`.
+pub(crate) async fn execute(
+    inv: Invocation,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<(), Error> {
     match inv.command {
         Command::Status { json } => {
             let what = "status".to_owned();
@@ -48,6 +66,26 @@ pub(crate) async fn execute(inv: Invocation, out: &mut dyn Write) -> Result<(), 
             }
         }
         Command::Devices { command } => devices(command, &inv.socket, out).await,
+        Command::Pair(args) => pair(args.into_mode(), &inv.socket, out, err).await,
+        Command::Isolate { id, reason } => {
+            let what = format!("isolate {id}");
+            let mut client = connect(&inv.socket).await?;
+            let request = v1::IsolateDeviceRequest {
+                id: id.as_str().to_owned(),
+                reason,
+            };
+            let device = call(&what, client.isolate_device(request)).await?;
+            print(out, &output::device_brief(&DeviceView::from(&device)))
+        }
+        Command::Release { id } => {
+            let what = format!("release {id}");
+            let mut client = connect(&inv.socket).await?;
+            let request = v1::ReleaseDeviceRequest {
+                id: id.as_str().to_owned(),
+            };
+            let device = call(&what, client.release_device(request)).await?;
+            print(out, &output::device_brief(&DeviceView::from(&device)))
+        }
         Command::Publish {
             topic,
             payload,
@@ -221,7 +259,295 @@ async fn devices(command: DevicesCommand, socket: &Path, out: &mut dyn Write) ->
             out: dir,
             force,
         } => enroll(name, &csr, &dir, force, socket, out).await,
+        DevicesCommand::Rename { id, name } => {
+            let what = format!("devices rename {id}");
+            let mut client = connect(socket).await?;
+            let request = v1::RenameDeviceRequest {
+                id: id.as_str().to_owned(),
+                name,
+            };
+            let device = call(&what, client.rename_device(request)).await?;
+            print(out, &output::device_brief(&DeviceView::from(&device)))
+        }
+        DevicesCommand::Remove { id, reset, timeout } => {
+            let what = format!("devices remove {id}");
+            let mut client = connect(socket).await?;
+            let request = v1::RemoveDeviceRequest {
+                id: id.as_str().to_owned(),
+                reset,
+                reset_timeout_seconds: timeout.unwrap_or(0),
+            };
+            // hubd may wait for the reset acknowledgement before it answers.
+            let wait = if reset {
+                timeout.map_or(DEFAULT_RESET_TIMEOUT, |s| Duration::from_secs(u64::from(s)))
+            } else {
+                Duration::ZERO
+            };
+            let answer =
+                call_within(&what, RPC_TIMEOUT + wait, client.remove_device(request)).await?;
+            print(out, &removed_line(id.as_str(), reset, &answer))
+        }
+        DevicesCommand::Grant { id, grants } => {
+            update_grants(&id, grants, false, socket, out).await
+        }
+        DevicesCommand::RevokeGrant { id, grants } => {
+            update_grants(&id, grants, true, socket, out).await
+        }
     }
+}
+
+/// What `devices remove` did, e.g. `removed ID (was connected; reset acknowledged)`.
+fn removed_line(id: &str, reset: bool, answer: &v1::RemoveDeviceResponse) -> String {
+    let mut notes = vec![if answer.was_connected {
+        "was connected"
+    } else {
+        "was not connected"
+    }];
+    if reset {
+        notes.push(match (answer.reset_sent, answer.reset_acknowledged) {
+            (_, true) => "reset acknowledged",
+            (true, false) => "reset sent, not acknowledged",
+            (false, false) => "reset not sent",
+        });
+    }
+    format!("removed {} ({})\n", output::sanitize(id), notes.join("; "))
+}
+
+/// `devices grant` and `devices revoke-grant`.
+async fn update_grants(
+    id: &crate::cli::DeviceId,
+    grants: GrantArgs,
+    revoke: bool,
+    socket: &Path,
+    out: &mut dyn Write,
+) -> Result<(), Error> {
+    let verb = if revoke { "revoke-grant" } else { "grant" };
+    let what = format!("devices {verb} {id}");
+    let mut client = connect(socket).await?;
+    let request = v1::UpdateGrantsRequest {
+        id: id.as_str().to_owned(),
+        grants: Some(wire_grants(grants)),
+        revoke,
+    };
+    let device = call(&what, client.update_grants(request)).await?;
+    print(out, &output::device_brief(&DeviceView::from(&device)))
+}
+
+fn wire_grants(grants: GrantArgs) -> v1::Grants {
+    v1::Grants {
+        publish: grants.allow_pub,
+        subscribe: grants.allow_sub,
+    }
+}
+
+fn wire_role(role: RoleArg) -> v1::Role {
+    match role {
+        RoleArg::Device => v1::Role::Device,
+        RoleArg::Integration => v1::Role::Integration,
+    }
+}
+
+/// Grants go only with an integration (the command line makes sure there
+/// are none for a device).
+fn role_grants(role: RoleArg, grants: GrantArgs) -> Option<v1::Grants> {
+    (role == RoleArg::Integration).then(|| wire_grants(grants))
+}
+
+/// `pair` in its four modes.
+async fn pair(
+    mode: PairMode,
+    socket: &Path,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<(), Error> {
+    match mode {
+        PairMode::Open {
+            name,
+            role,
+            window_seconds,
+            grants,
+            json,
+        } => {
+            let what = format!("pair {}", output::sanitize(&name));
+            let mut client = connect(socket).await?;
+            let request = v1::OpenPairingRequest {
+                name: name.clone(),
+                role: wire_role(role).into(),
+                window_seconds,
+                grants: role_grants(role, grants),
+            };
+            let window = call(&what, client.open_pairing(request)).await?;
+            for (field, value) in [
+                ("claim_id", &window.claim_id),
+                ("code", &window.code),
+                ("uri", &window.uri),
+            ] {
+                if value.is_empty() {
+                    return Err(Error::Incomplete { what, field });
+                }
+            }
+            let view = PairingOpenedView::from(&window);
+            if json {
+                return print_json(out, &view);
+            }
+            let shown_name = if window.name.is_empty() {
+                &name
+            } else {
+                &window.name
+            };
+            // hubd echoes the role; what was asked for stands in if it does not.
+            let role = match RoleView::from_wire(window.role) {
+                RoleView::Unknown => match role {
+                    RoleArg::Device => RoleView::Device,
+                    RoleArg::Integration => RoleView::Integration,
+                },
+                known => known,
+            };
+            let qr = output::qr_text(&window.uri);
+            print(
+                out,
+                &output::pairing_opened(shown_name, role, &view, qr.as_deref()),
+            )
+        }
+        PairMode::Bundle {
+            name,
+            role,
+            grants,
+            dir,
+            force,
+        } => {
+            let request = v1::EnrollBundleRequest {
+                name,
+                role: wire_role(role).into(),
+                grants: role_grants(role, grants),
+            };
+            bundle(request, &dir, force, socket, out, err).await
+        }
+        PairMode::List { json } => {
+            let what = "pair --list".to_owned();
+            let mut client = connect(socket).await?;
+            let list = call(&what, client.list_pairing(v1::ListPairingRequest {})).await?;
+            let windows: Vec<PairingWindowView> =
+                list.windows.iter().map(PairingWindowView::from).collect();
+            if json {
+                print_json(out, &PairingListView { windows })
+            } else {
+                print(out, &output::pairing_table(&windows))
+            }
+        }
+        PairMode::Cancel { claim } => {
+            let what = format!("pair --cancel {claim}");
+            let mut client = connect(socket).await?;
+            let request = v1::CancelPairingRequest {
+                claim_id: claim.as_str().to_owned(),
+            };
+            let window = call(&what, client.cancel_pairing(request)).await?;
+            let name = if window.name.is_empty() {
+                String::new()
+            } else {
+                format!(" for {}", output::sanitize(&window.name))
+            };
+            print(
+                out,
+                &format!(
+                    "cancelled pairing window {}{name}\n",
+                    output::sanitize(claim.as_str())
+                ),
+            )
+        }
+    }
+}
+
+/// What `pair --bundle` says on stderr once the files are written.
+fn bundle_warning(key_path: &Path) -> String {
+    format!(
+        "hubctl: warning: the hub made this device's private key and it travelled \
+         to {}: copy it to the device only over a channel you trust, then delete \
+         every other copy. A device that can make its own key should pair with \
+         `hubctl pair` instead, so that its key never leaves it.\n",
+        output::sanitize(&key_path.display().to_string())
+    )
+}
+
+/// `pair --bundle`: like `devices enroll`, every local check runs before hubd
+/// is asked, so a key is never made only to find it cannot be written.
+async fn bundle(
+    request: v1::EnrollBundleRequest,
+    dir: &Path,
+    force: bool,
+    socket: &Path,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<(), Error> {
+    let what = format!("pair {} --bundle", output::sanitize(&request.name));
+    let key_path = dir.join("key.pem");
+    let cert_path = dir.join("cert.pem");
+    let ca_path = dir.join("ca.pem");
+    if !force {
+        refuse_existing(&what, &[&key_path, &cert_path, &ca_path])?;
+    }
+    create_private_dir(&what, dir)?;
+
+    let mut client = connect(socket).await?;
+    let answer = call(&what, client.enroll_bundle(request)).await?;
+    let device = answer.device.ok_or_else(|| Error::Incomplete {
+        what: what.clone(),
+        field: "device",
+    })?;
+    if answer.key_pem.is_empty() {
+        return Err(Error::Incomplete {
+            what,
+            field: "key_pem",
+        });
+    }
+    for (path, pem) in [
+        (&key_path, &answer.key_pem),
+        (&cert_path, &answer.cert_pem),
+        (&ca_path, &answer.ca_chain_pem),
+    ] {
+        write_new(path, pem.as_bytes(), force, BUNDLE_FILE_MODE).map_err(|source| {
+            Error::NotWritten {
+                what: what.clone(),
+                id: output::sanitize(&device.id),
+                path: path.clone(),
+                source,
+            }
+        })?;
+    }
+    // Warned first, so that a closed stdout cannot swallow the warning; a
+    // lost stderr changes nothing about the files already written.
+    let _ = err
+        .write_all(bundle_warning(&key_path).as_bytes())
+        .and_then(|()| err.flush());
+    print(out, &format!("{}\n", output::sanitize(&device.id)))
+}
+
+/// Fails with [`Error::Exists`] on the first of `paths` that exists (a
+/// dangling symlink included).
+fn refuse_existing(what: &str, paths: &[&PathBuf]) -> Result<(), Error> {
+    match paths.iter().find(|p| p.symlink_metadata().is_ok()) {
+        Some(path) => Err(Error::Exists {
+            what: what.to_owned(),
+            path: (*path).clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Creates `dir` and its missing parents with mode 0700 unless it exists.
+fn create_private_dir(what: &str, dir: &Path) -> Result<(), Error> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| Error::File {
+            what: what.to_owned(),
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 /// `devices enroll`: every local check runs before hubd is asked, so a
@@ -239,26 +565,9 @@ async fn enroll(
     let cert_path = dir.join("cert.pem");
     let ca_path = dir.join("ca.pem");
     if !force {
-        for path in [&cert_path, &ca_path] {
-            if path.symlink_metadata().is_ok() {
-                return Err(Error::Exists {
-                    what,
-                    path: path.clone(),
-                });
-            }
-        }
+        refuse_existing(&what, &[&cert_path, &ca_path])?;
     }
-    if !dir.is_dir() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|source| Error::File {
-                what: what.clone(),
-                path: dir.to_path_buf(),
-                source,
-            })?;
-    }
+    create_private_dir(&what, dir)?;
 
     let mut client = connect(socket).await?;
     let answer = call(
@@ -275,11 +584,13 @@ async fn enroll(
         (&cert_path, &answer.cert_pem),
         (&ca_path, &answer.ca_chain_pem),
     ] {
-        write_new(path, pem.as_bytes(), force).map_err(|source| Error::NotWritten {
-            what: what.clone(),
-            id: output::sanitize(&device.id),
-            path: path.clone(),
-            source,
+        write_new(path, pem.as_bytes(), force, CERT_FILE_MODE).map_err(|source| {
+            Error::NotWritten {
+                what: what.clone(),
+                id: output::sanitize(&device.id),
+                path: path.clone(),
+                source,
+            }
         })?;
     }
     print(out, &format!("{}\n", output::sanitize(&device.id)))
@@ -315,23 +626,34 @@ fn read_csr(what: &str, path: &Path) -> Result<String, Error> {
     Ok(text)
 }
 
-/// Writes `path`. Without `force` the file must not exist (checked atomically
-/// by `create_new`); with it, a temporary file is renamed over the old one, so
-/// a reader never sees half a certificate.
-fn write_new(path: &Path, contents: &[u8], force: bool) -> io::Result<()> {
-    if !force {
-        let mut f = fs::OpenOptions::new()
+/// Writes `path`, created with `mode` (less the umask). Without `force` the
+/// file must not exist (checked atomically by `create_new`); with it, a
+/// temporary file is renamed over the old one, so a reader never sees half a
+/// certificate. The temporary file is always new, so it never inherits the
+/// mode of a leftover one.
+fn write_new(path: &Path, contents: &[u8], force: bool, mode: u32) -> io::Result<()> {
+    let create = |p: &Path| {
+        fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(path)?;
+            .mode(mode)
+            .open(p)
+    };
+    if !force {
+        let mut f = create(path)?;
         f.write_all(contents)?;
         return f.sync_all();
     }
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
+        let mut f = create(&tmp)?;
         f.write_all(contents)?;
         f.sync_all()?;
         fs::rename(&tmp, path)
@@ -375,7 +697,16 @@ async fn call<T>(
     what: &str,
     rpc: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T, Error> {
-    match tokio::time::timeout(RPC_TIMEOUT, rpc).await {
+    call_within(what, RPC_TIMEOUT, rpc).await
+}
+
+/// Awaits one RPC for at most `limit`, naming `what` in any error.
+async fn call_within<T>(
+    what: &str,
+    limit: Duration,
+    rpc: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(limit, rpc).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
         Ok(Err(status)) => Err(Error::Rpc {
             what: what.to_owned(),
@@ -383,7 +714,7 @@ async fn call<T>(
         }),
         Err(_) => Err(Error::TimedOut {
             what: what.to_owned(),
-            after: RPC_TIMEOUT,
+            after: limit,
         }),
     }
 }
@@ -432,10 +763,10 @@ mod tests {
     fn write_new_refuses_to_overwrite_unless_forced() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("cert.pem");
-        write_new(&path, b"one", false).expect("first write");
-        let e = write_new(&path, b"two", false).expect_err("exists");
+        write_new(&path, b"one", false, 0o600).expect("first write");
+        let e = write_new(&path, b"two", false, 0o600).expect_err("exists");
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
-        write_new(&path, b"three", true).expect("forced");
+        write_new(&path, b"three", true, 0o600).expect("forced");
         assert_eq!(fs::read(&path).expect("read"), b"three");
         assert!(!dir.path().join("cert.pem.tmp").exists());
     }

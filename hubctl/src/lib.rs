@@ -192,7 +192,7 @@ where
         .enable_all()
         .build()
         .map_err(Error::Runtime)
-        .and_then(|rt| rt.block_on(commands::execute(invocation, out)));
+        .and_then(|rt| rt.block_on(commands::execute(invocation, out, &mut *err)));
     match result {
         Ok(()) => EXIT_OK,
         // `hubctl devices list | head`: the reader left, which is not a failure.

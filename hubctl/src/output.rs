@@ -28,6 +28,11 @@ pub struct DeviceView {
     /// Unix seconds of the last session start or end; `null` if never seen.
     pub last_seen: Option<i64>,
     pub last_seen_rfc3339: Option<String>,
+    pub role: RoleView,
+    /// Why the device is isolated; `null` unless it is.
+    pub isolation_reason: Option<String>,
+    /// The topic filters an integration was granted (empty for a device).
+    pub grants: GrantsView,
 }
 
 /// A device's state; `unknown` covers states this hubctl does not know yet.
@@ -35,6 +40,7 @@ pub struct DeviceView {
 #[serde(rename_all = "snake_case")]
 pub enum DeviceStateView {
     Active,
+    Isolated,
     Revoked,
     Unknown,
 }
@@ -43,9 +49,55 @@ impl DeviceStateView {
     fn as_str(self) -> &'static str {
         match self {
             Self::Active => "active",
+            Self::Isolated => "isolated",
             Self::Revoked => "revoked",
             Self::Unknown => "unknown",
         }
+    }
+}
+
+/// A device's or pairing window's role; `unknown` covers roles this hubctl
+/// does not know yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoleView {
+    Device,
+    Integration,
+    Unknown,
+}
+
+impl RoleView {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Device => "device",
+            Self::Integration => "integration",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// The view of a wire `Role`.
+    pub fn from_wire(role: i32) -> Self {
+        match v1::Role::try_from(role) {
+            Ok(v1::Role::Device) => Self::Device,
+            Ok(v1::Role::Integration) => Self::Integration,
+            Ok(v1::Role::Unspecified) | Err(_) => Self::Unknown,
+        }
+    }
+}
+
+/// MQTT topic filters an integration may publish and subscribe to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantsView {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+impl From<Option<&v1::Grants>> for GrantsView {
+    fn from(g: Option<&v1::Grants>) -> Self {
+        g.map_or_else(Self::default, |g| Self {
+            publish: g.publish.clone(),
+            subscribe: g.subscribe.clone(),
+        })
     }
 }
 
@@ -53,6 +105,7 @@ impl From<&v1::Device> for DeviceView {
     fn from(d: &v1::Device) -> Self {
         let state = match v1::DeviceState::try_from(d.state) {
             Ok(v1::DeviceState::Active) => DeviceStateView::Active,
+            Ok(v1::DeviceState::Isolated) => DeviceStateView::Isolated,
             Ok(v1::DeviceState::Revoked) => DeviceStateView::Revoked,
             Ok(v1::DeviceState::Unspecified) | Err(_) => DeviceStateView::Unknown,
         };
@@ -70,8 +123,71 @@ impl From<&v1::Device> for DeviceView {
             created_at_rfc3339: rfc3339(d.created_at),
             last_seen,
             last_seen_rfc3339: last_seen.and_then(rfc3339),
+            role: RoleView::from_wire(d.role),
+            // The protocol says the reason is empty unless the device is isolated.
+            isolation_reason: (!d.isolation_reason.is_empty()).then(|| d.isolation_reason.clone()),
+            grants: GrantsView::from(d.grants.as_ref()),
         }
     }
+}
+
+/// `pair --json`: what a script needs to hand to the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairingOpenedView {
+    pub claim_id: String,
+    /// The one-time setup code, grouped for reading aloud.
+    pub code: String,
+    /// The pairing URI: hub address, pairing port, CA fingerprint, claim.
+    pub uri: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    pub expires_at_rfc3339: Option<String>,
+}
+
+impl From<&v1::PairingWindow> for PairingOpenedView {
+    fn from(w: &v1::PairingWindow) -> Self {
+        Self {
+            claim_id: w.claim_id.clone(),
+            code: w.code.clone(),
+            uri: w.uri.clone(),
+            expires_at: w.expires_at,
+            expires_at_rfc3339: rfc3339(w.expires_at),
+        }
+    }
+}
+
+/// One open window in `pair --list --json`; its code is never shown again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairingWindowView {
+    pub claim_id: String,
+    pub name: String,
+    pub role: RoleView,
+    /// Unix seconds.
+    pub expires_at: i64,
+    pub expires_at_rfc3339: Option<String>,
+    /// Wrong codes so far.
+    pub failures: u32,
+    pub grants: GrantsView,
+}
+
+impl From<&v1::PairingWindow> for PairingWindowView {
+    fn from(w: &v1::PairingWindow) -> Self {
+        Self {
+            claim_id: w.claim_id.clone(),
+            name: w.name.clone(),
+            role: RoleView::from_wire(w.role),
+            expires_at: w.expires_at,
+            expires_at_rfc3339: rfc3339(w.expires_at),
+            failures: w.failures,
+            grants: GrantsView::from(w.grants.as_ref()),
+        }
+    }
+}
+
+/// `pair --list --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairingListView {
+    pub windows: Vec<PairingWindowView>,
 }
 
 /// `devices list --json`: an object rather than a bare array, so fields can be added.
@@ -230,6 +346,19 @@ pub fn human_time(unix: i64) -> String {
         .and_then(|t| {
             t.format(format_description!("[year]-[month]-[day] [hour]:[minute]"))
                 .ok()
+        })
+        .unwrap_or_else(|| format!("@{unix}"))
+}
+
+/// Unix seconds to the second: `2026-11-22 14:03:00 UTC`; `@<seconds>` if out of range.
+pub fn human_time_seconds(unix: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second] UTC"
+            ))
+            .ok()
         })
         .unwrap_or_else(|| format!("@{unix}"))
 }
@@ -398,7 +527,26 @@ pub fn key_values(pairs: &[(&str, String)]) -> String {
     out
 }
 
-/// The human `devices list` table.
+/// The isolation reason, [`sanitize`]d, or `-`.
+fn reason_or_dash(d: &DeviceView) -> String {
+    d.isolation_reason
+        .as_deref()
+        .map_or_else(|| "-".to_owned(), sanitize)
+}
+
+/// Topic filters, [`sanitize`]d and joined with `, `; `-` for none.
+fn filters(list: &[String]) -> String {
+    if list.is_empty() {
+        "-".to_owned()
+    } else {
+        list.iter()
+            .map(|f| sanitize(f))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The human `devices list` table. REASON comes last: it is free text of any length.
 pub fn device_table(devices: &[DeviceView]) -> String {
     let rows: Vec<Vec<String>> = devices
         .iter()
@@ -406,10 +554,12 @@ pub fn device_table(devices: &[DeviceView]) -> String {
             vec![
                 sanitize(&d.id),
                 sanitize(&d.name),
+                d.role.as_str().to_owned(),
                 d.state.as_str().to_owned(),
                 yes_no(d.connected).to_owned(),
                 human_time(d.cert_not_after),
                 human_time_or_never(d.last_seen),
+                reason_or_dash(d),
             ]
         })
         .collect();
@@ -417,10 +567,12 @@ pub fn device_table(devices: &[DeviceView]) -> String {
         &[
             "ID",
             "NAME",
+            "ROLE",
             "STATE",
             "CONNECTED",
             "CERT EXPIRES",
             "LAST SEEN",
+            "REASON",
         ],
         &rows,
     )
@@ -431,13 +583,123 @@ pub fn device_details(d: &DeviceView) -> String {
     key_values(&[
         ("id", sanitize(&d.id)),
         ("name", sanitize(&d.name)),
+        ("role", d.role.as_str().to_owned()),
         ("state", d.state.as_str().to_owned()),
+        ("isolation reason", reason_or_dash(d)),
         ("connected", yes_no(d.connected).to_owned()),
         ("cert serial", sanitize(&d.cert_serial)),
         ("cert expires", human_time(d.cert_not_after)),
         ("created", human_time(d.created_at)),
         ("last seen", human_time_or_never(d.last_seen)),
+        ("may publish", filters(&d.grants.publish)),
+        ("may subscribe", filters(&d.grants.subscribe)),
     ])
+}
+
+/// A device in brief, after a command changed it: id, name, role, state, and
+/// the isolation reason and grants where there are any.
+pub fn device_brief(d: &DeviceView) -> String {
+    let mut pairs = vec![
+        ("id", sanitize(&d.id)),
+        ("name", sanitize(&d.name)),
+        ("role", d.role.as_str().to_owned()),
+        ("state", d.state.as_str().to_owned()),
+    ];
+    if d.isolation_reason.is_some() {
+        pairs.push(("isolation reason", reason_or_dash(d)));
+    }
+    if d.role == RoleView::Integration
+        || !d.grants.publish.is_empty()
+        || !d.grants.subscribe.is_empty()
+    {
+        pairs.push(("may publish", filters(&d.grants.publish)));
+        pairs.push(("may subscribe", filters(&d.grants.subscribe)));
+    }
+    key_values(&pairs)
+}
+
+/// The human `pair --list` table.
+pub fn pairing_table(windows: &[PairingWindowView]) -> String {
+    let rows: Vec<Vec<String>> = windows
+        .iter()
+        .map(|w| {
+            vec![
+                sanitize(&w.claim_id),
+                sanitize(&w.name),
+                w.role.as_str().to_owned(),
+                human_time_seconds(w.expires_at),
+                w.failures.to_string(),
+            ]
+        })
+        .collect();
+    table(&["CLAIM", "NAME", "ROLE", "EXPIRES", "FAILURES"], &rows)
+}
+
+/// Quotes `s` for a POSIX shell when it holds anything but plainly safe characters.
+pub fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:@%+=,".contains(c));
+    if plain {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// The QR code of `data` for a terminal, two modules a character, light on
+/// dark with its quiet zone; `None` if `data` does not fit in a QR code.
+pub fn qr_text(data: &str) -> Option<String> {
+    use qrcode::render::unicode::Dense1x2;
+    let code = qrcode::QrCode::new(data.as_bytes()).ok()?;
+    Some(
+        code.render::<Dense1x2>()
+            .dark_color(Dense1x2::Light)
+            .light_color(Dense1x2::Dark)
+            .quiet_zone(true)
+            .build(),
+    )
+}
+
+/// The human `pair`: the setup code set apart, the URI and expiry, the QR code
+/// of the URI (`qr`, already rendered, or `None` if the URI does not fit in
+/// one), and how to hand both to the device.
+pub fn pairing_opened(
+    name: &str,
+    role: RoleView,
+    w: &PairingOpenedView,
+    qr: Option<&str>,
+) -> String {
+    let code = sanitize(&w.code);
+    let uri = sanitize(&w.uri);
+    let mut out = format!(
+        "pairing window {} open for {} ({})\n\n    setup code:  {code}\n\n",
+        sanitize(&w.claim_id),
+        sanitize(name),
+        role.as_str(),
+    );
+    out.push_str(&key_values(&[
+        ("uri", uri.clone()),
+        ("expires", human_time_seconds(w.expires_at)),
+    ]));
+    out.push('\n');
+    match qr {
+        Some(qr) => {
+            out.push_str(qr);
+            if !qr.ends_with('\n') {
+                out.push('\n');
+            }
+        }
+        None => out.push_str("(the URI is too long for a QR code)\n"),
+    }
+    out.push('\n');
+    out.push_str(&format!(
+        "Give the device the URI and the setup code, which works once \
+         (a simulated device: hubsim pair --uri {} --code {} --out DIR)\n",
+        shell_quote(&uri),
+        shell_quote(&code),
+    ));
+    out
 }
 
 /// The human `status`.
@@ -485,6 +747,33 @@ mod tests {
             cert_not_after: 1_795_356_180, // 2026-11-22 14:03 UTC
             created_at: 1_763_820_180,     // 2025-11-22 14:03 UTC
             last_seen,
+            role: v1::Role::Device.into(),
+            isolation_reason: String::new(),
+            grants: None,
+        }
+    }
+
+    fn integration() -> v1::Device {
+        v1::Device {
+            id: "ha".into(),
+            name: "Home Assistant".into(),
+            role: v1::Role::Integration.into(),
+            grants: Some(v1::Grants {
+                publish: vec!["d/+/cmd/#".into()],
+                subscribe: vec!["d/+/state".into(), "d/+/meta\n".into()],
+            }),
+            ..device("x", 0)
+        }
+    }
+
+    fn isolated() -> v1::Device {
+        v1::Device {
+            id: "old".into(),
+            name: "Old cam".into(),
+            state: v1::DeviceState::Isolated.into(),
+            isolation_reason: "no updates since 2021\u{1b}[2J".into(),
+            connected: false,
+            ..device("x", 0)
         }
     }
 
@@ -538,24 +827,116 @@ mod tests {
         let list = [
             DeviceView::from(&device("Kitchen sensor", 0)),
             DeviceView::from(&device("Wohnzimmer Thermostat", 1_795_356_180)),
+            DeviceView::from(&isolated()),
+            DeviceView::from(&integration()),
         ];
         assert_eq!(
             device_table(&list),
-            "ID  NAME                   STATE   CONNECTED  CERT EXPIRES      LAST SEEN\n\
-             d1  Kitchen sensor         active  yes        2026-11-22 14:03  -\n\
-             d1  Wohnzimmer Thermostat  active  yes        2026-11-22 14:03  2026-11-22 14:03\n"
+            "ID   NAME                   ROLE         STATE     CONNECTED  CERT EXPIRES      LAST SEEN         REASON\n\
+             d1   Kitchen sensor         device       active    yes        2026-11-22 14:03  -                 -\n\
+             d1   Wohnzimmer Thermostat  device       active    yes        2026-11-22 14:03  2026-11-22 14:03  -\n\
+             old  Old cam                device       isolated  no         2026-11-22 14:03  -                 no updates since 2021\\u{1b}[2J\n\
+             ha   Home Assistant         integration  active    yes        2026-11-22 14:03  -                 -\n"
         );
         assert_eq!(
             device_details(&list[0]),
-            "id:           d1\n\
-             name:         Kitchen sensor\n\
-             state:        active\n\
-             connected:    yes\n\
-             cert serial:  0a1b\n\
-             cert expires: 2026-11-22 14:03\n\
-             created:      2025-11-22 14:03\n\
-             last seen:    -\n"
+            "id:               d1\n\
+             name:             Kitchen sensor\n\
+             role:             device\n\
+             state:            active\n\
+             isolation reason: -\n\
+             connected:        yes\n\
+             cert serial:      0a1b\n\
+             cert expires:     2026-11-22 14:03\n\
+             created:          2025-11-22 14:03\n\
+             last seen:        -\n\
+             may publish:      -\n\
+             may subscribe:    -\n"
         );
+        assert_eq!(
+            device_brief(&list[0]),
+            "id:    d1\n\
+             name:  Kitchen sensor\n\
+             role:  device\n\
+             state: active\n"
+        );
+        assert_eq!(
+            device_brief(&list[2]),
+            "id:               old\n\
+             name:             Old cam\n\
+             role:             device\n\
+             state:            isolated\n\
+             isolation reason: no updates since 2021\\u{1b}[2J\n"
+        );
+        assert_eq!(
+            device_brief(&list[3]),
+            "id:            ha\n\
+             name:          Home Assistant\n\
+             role:          integration\n\
+             state:         active\n\
+             may publish:   d/+/cmd/#\n\
+             may subscribe: d/+/state, d/+/meta\\n\n"
+        );
+    }
+
+    #[test]
+    fn pairing_views() {
+        let window = v1::PairingWindow {
+            claim_id: "c1".into(),
+            name: "Hall light".into(),
+            role: v1::Role::Device.into(),
+            code: "7K3M-Q8ZP".into(),
+            uri: "hubpair://h:8884/?ca=sha256:ab&claim=c1".into(),
+            expires_at: 1_795_356_185,
+            failures: 2,
+            grants: None,
+        };
+        let opened = PairingOpenedView::from(&window);
+        assert_eq!(
+            serde_json::to_value(&opened).expect("serializes"),
+            serde_json::json!({
+                "claim_id": "c1",
+                "code": "7K3M-Q8ZP",
+                "uri": "hubpair://h:8884/?ca=sha256:ab&claim=c1",
+                "expires_at": 1_795_356_185,
+                "expires_at_rfc3339": "2026-11-22T14:03:05Z",
+            })
+        );
+        assert_eq!(
+            pairing_opened("Hall light", RoleView::Device, &opened, Some("QR\nQR")),
+            "pairing window c1 open for Hall light (device)\n\
+             \n    setup code:  7K3M-Q8ZP\n\n\
+             uri:     hubpair://h:8884/?ca=sha256:ab&claim=c1\n\
+             expires: 2026-11-22 14:03:05 UTC\n\
+             \nQR\nQR\n\n\
+             Give the device the URI and the setup code, which works once (a simulated \
+             device: hubsim pair --uri 'hubpair://h:8884/?ca=sha256:ab&claim=c1' \
+             --code 7K3M-Q8ZP --out DIR)\n"
+        );
+        let list = [PairingWindowView::from(&window)];
+        assert_eq!(
+            pairing_table(&list),
+            "CLAIM  NAME        ROLE    EXPIRES                  FAILURES\n\
+             c1     Hall light  device  2026-11-22 14:03:05 UTC  2\n"
+        );
+    }
+
+    #[test]
+    fn qr_codes_render_and_shell_quoting() {
+        let qr = qr_text("hubpair://h:8884/?ca=sha256:ab&claim=c1").expect("fits");
+        // Version 3 (29 modules) plus a quiet zone of 4 on each side: 37
+        // columns, two rows a line.
+        let lines: Vec<&str> = qr.lines().collect();
+        assert_eq!(lines.len(), 19);
+        assert!(lines.iter().all(|l| l.chars().count() == 37), "{qr}");
+        // Light on dark: the quiet zone is drawn full blocks.
+        assert!(lines[0].chars().all(|c| c == '\u{2588}'), "{qr}");
+        assert_eq!(qr_text(&"x".repeat(8000)), None);
+
+        assert_eq!(shell_quote("7K3M-Q8ZP"), "7K3M-Q8ZP");
+        assert_eq!(shell_quote("a&b"), "'a&b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
     }
 
     #[test]
@@ -576,10 +957,23 @@ mod tests {
                 "created_at_rfc3339": "2025-11-22T14:03:00Z",
                 "last_seen": null,
                 "last_seen_rfc3339": null,
+                "role": "device",
+                "isolation_reason": null,
+                "grants": { "publish": [], "subscribe": [] },
             })
         );
         let back: DeviceView = serde_json::from_value(json).expect("deserializes");
         assert_eq!(back, view);
+
+        let json = serde_json::to_value(DeviceView::from(&isolated())).expect("serializes");
+        assert_eq!(json["state"], "isolated");
+        assert_eq!(json["isolation_reason"], "no updates since 2021\u{1b}[2J");
+        let json = serde_json::to_value(DeviceView::from(&integration())).expect("serializes");
+        assert_eq!(json["role"], "integration");
+        assert_eq!(
+            json["grants"],
+            serde_json::json!({ "publish": ["d/+/cmd/#"], "subscribe": ["d/+/state", "d/+/meta\n"] })
+        );
     }
 
     #[test]
@@ -589,6 +983,8 @@ mod tests {
         assert_eq!(DeviceView::from(&d).state, DeviceStateView::Unknown);
         d.state = v1::DeviceState::Revoked.into();
         assert_eq!(DeviceView::from(&d).state, DeviceStateView::Revoked);
+        d.role = 42;
+        assert_eq!(DeviceView::from(&d).role, RoleView::Unknown);
     }
 
     #[test]

@@ -103,6 +103,15 @@ fn usage_errors_exit_2() {
         &["publish", "t", "x", "--file", "f"],
         &["watch"],
         &["watch", "#", "--count", "0"],
+        &["pair"],
+        &["pair", "--name", "x", "--list"],
+        &["pair", "--name", "x", "--allow-pub", "a/b"],
+        &["pair", "--name", "x", "--window", "5 minutes"],
+        &["isolate", "x"],
+        &["release"],
+        &["devices", "grant", "x"],
+        &["devices", "revoke-grant", "x"],
+        &["devices", "remove", "x", "--timeout", "5s"],
     ] {
         let o = hubctl(dir.path(), args, &[]);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
@@ -125,6 +134,19 @@ fn help_and_version_exit_0_on_stdout() {
     let o = hubctl(dir.path(), &["devices", "enroll", "--help"], &[]);
     assert_eq!(o.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&o.stdout).contains("--force"));
+
+    let o = hubctl(dir.path(), &["pair", "--help"], &[]);
+    assert_eq!(o.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&o.stdout);
+    for option in [
+        "--name <NAME>",
+        "--list",
+        "--cancel <CLAIM_ID>",
+        "--bundle <DIR>",
+        "--allow-pub <FILTER>",
+    ] {
+        assert!(help.contains(option), "{option}: {help}");
+    }
 
     let o = hubctl(dir.path(), &["--version"], &[]);
     assert_eq!(o.status.code(), Some(0));

@@ -30,6 +30,16 @@ const CA_PEM: &str = "-----BEGIN CERTIFICATE-----\nZmFrZS1jYQ==\n-----END CERTIF
 const CSR_PEM: &str =
     "-----BEGIN CERTIFICATE REQUEST-----\nZmFrZS1jc3I=\n-----END CERTIFICATE REQUEST-----\n";
 
+const KEY_PEM: &str = "-----BEGIN PRIVATE KEY-----\nZmFrZS1rZXk=\n-----END PRIVATE KEY-----\n";
+
+/// 2026-01-05 10:20:30 UTC: when the fake's pairing windows expire.
+const PAIR_EXPIRES: i64 = 1_767_608_430;
+const CLAIM: &str = "c1a1m";
+const SETUP_CODE: &str = "7K3M-Q8ZP-4WXN-JR2T-HV5A";
+const PAIR_URI: &str = "hubpair://192.0.2.10:8884/?ca=sha256:abababababababababababababababababababababababababababababababab&claim=c1a1m";
+
+const REASON: &str = "no firmware updates since 2021";
+
 fn device(id: &str, name: &str, connected: bool, last_seen: i64) -> v1::Device {
     v1::Device {
         id: id.into(),
@@ -40,13 +50,79 @@ fn device(id: &str, name: &str, connected: bool, last_seen: i64) -> v1::Device {
         cert_not_after: EXPIRES,
         created_at: CREATED,
         last_seen,
+        role: v1::Role::Device.into(),
+        isolation_reason: String::new(),
+        grants: None,
     }
 }
 
+fn grants(publish: &[&str], subscribe: &[&str]) -> v1::Grants {
+    v1::Grants {
+        publish: publish.iter().map(|f| (*f).to_owned()).collect(),
+        subscribe: subscribe.iter().map(|f| (*f).to_owned()).collect(),
+    }
+}
+
+/// An integration, an active device and an isolated one, ordered by name as hubd orders them.
 fn devices() -> Vec<v1::Device> {
     vec![
+        v1::Device {
+            role: v1::Role::Integration.into(),
+            grants: Some(grants(&["d/+/cmd/#"], &["d/+/state"])),
+            ..device("h0m3as", "Home Assistant", true, SEEN)
+        },
         device("7h3k2m", "Küche Thermostat", true, SEEN),
-        device("a1b2c3", "台所のセンサー", false, 0),
+        v1::Device {
+            state: v1::DeviceState::Isolated.into(),
+            isolation_reason: REASON.into(),
+            ..device("a1b2c3", "台所のセンサー", false, 0)
+        },
+    ]
+}
+
+/// A request to one of the RPCs that change something, as the fake received it.
+#[derive(Debug, Clone, PartialEq)]
+enum Call {
+    OpenPairing(v1::OpenPairingRequest),
+    CancelPairing(v1::CancelPairingRequest),
+    EnrollBundle(v1::EnrollBundleRequest),
+    Rename(v1::RenameDeviceRequest),
+    Remove(v1::RemoveDeviceRequest),
+    Isolate(v1::IsolateDeviceRequest),
+    Release(v1::ReleaseDeviceRequest),
+    UpdateGrants(v1::UpdateGrantsRequest),
+}
+
+type Calls = Arc<Mutex<Vec<Call>>>;
+
+/// The calls recorded so far, emptying the record.
+fn take_calls(calls: &Calls) -> Vec<Call> {
+    std::mem::take(&mut *calls.lock().expect("calls lock"))
+}
+
+/// The windows the fake lists: the one it opens and an integration's.
+fn pairing_windows() -> Vec<v1::PairingWindow> {
+    vec![
+        v1::PairingWindow {
+            claim_id: CLAIM.into(),
+            name: "Hall light".into(),
+            role: v1::Role::Device.into(),
+            code: String::new(),
+            uri: PAIR_URI.into(),
+            expires_at: PAIR_EXPIRES,
+            failures: 0,
+            grants: None,
+        },
+        v1::PairingWindow {
+            claim_id: "9x8y7z".into(),
+            name: "Node-RED\u{1b}[31m".into(),
+            role: v1::Role::Integration.into(),
+            code: String::new(),
+            uri: PAIR_URI.replace(CLAIM, "9x8y7z"),
+            expires_at: PAIR_EXPIRES + 3_600,
+            failures: 3,
+            grants: Some(grants(&[], &["d/+/state"])),
+        },
     ]
 }
 
@@ -65,9 +141,15 @@ struct FakeHub {
     /// End each watch stream after [`watch_messages`]; otherwise it stays open
     /// until the client leaves, as hubd's does.
     end_watch: bool,
+    /// Every request to an RPC of pairing, isolation and the registry.
+    calls: Calls,
 }
 
 impl FakeHub {
+    fn record(&self, call: Call) {
+        self.calls.lock().expect("calls lock").push(call);
+    }
+
     fn check<T>(&self, _req: &Request<T>) -> Result<(), Status> {
         if self.deny {
             return Err(Status::permission_denied(
@@ -235,6 +317,158 @@ impl Admin for FakeHub {
             was_connected: device.connected,
         }))
     }
+
+    /// Echoes name, role and grants with the canned code, URI and expiry.
+    async fn open_pairing(
+        &self,
+        req: Request<v1::OpenPairingRequest>,
+    ) -> Result<Response<v1::PairingWindow>, Status> {
+        self.check(&req)?;
+        let req = req.into_inner();
+        self.record(Call::OpenPairing(req.clone()));
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument("name: 1 to 64 characters"));
+        }
+        Ok(Response::new(v1::PairingWindow {
+            claim_id: CLAIM.into(),
+            name: req.name,
+            role: req.role,
+            code: SETUP_CODE.into(),
+            uri: PAIR_URI.into(),
+            expires_at: PAIR_EXPIRES,
+            failures: 0,
+            grants: req.grants,
+        }))
+    }
+
+    async fn list_pairing(
+        &self,
+        req: Request<v1::ListPairingRequest>,
+    ) -> Result<Response<v1::ListPairingResponse>, Status> {
+        self.check(&req)?;
+        Ok(Response::new(v1::ListPairingResponse {
+            windows: pairing_windows(),
+        }))
+    }
+
+    async fn cancel_pairing(
+        &self,
+        req: Request<v1::CancelPairingRequest>,
+    ) -> Result<Response<v1::PairingWindow>, Status> {
+        self.check(&req)?;
+        let req = req.into_inner();
+        self.record(Call::CancelPairing(req.clone()));
+        pairing_windows()
+            .into_iter()
+            .find(|w| w.claim_id == req.claim_id)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found("no open pairing window with that claim id"))
+    }
+
+    async fn enroll_bundle(
+        &self,
+        req: Request<v1::EnrollBundleRequest>,
+    ) -> Result<Response<v1::EnrollBundleResponse>, Status> {
+        self.check(&req)?;
+        let req = req.into_inner();
+        self.record(Call::EnrollBundle(req.clone()));
+        Ok(Response::new(v1::EnrollBundleResponse {
+            device: Some(v1::Device {
+                role: req.role,
+                grants: req.grants,
+                ..device("n3wd3v", &req.name, false, 0)
+            }),
+            key_pem: KEY_PEM.into(),
+            cert_pem: CERT_PEM.into(),
+            ca_chain_pem: CA_PEM.into(),
+        }))
+    }
+
+    async fn rename_device(
+        &self,
+        req: Request<v1::RenameDeviceRequest>,
+    ) -> Result<Response<v1::Device>, Status> {
+        self.check(&req)?;
+        let req = req.into_inner();
+        self.record(Call::Rename(req.clone()));
+        let mut device = find(&req.id)?;
+        device.name = req.name;
+        Ok(Response::new(device))
+    }
+
+    /// A connected device gets the reset; only 7h3k2m acknowledges it.
+    async fn remove_device(
+        &self,
+        req: Request<v1::RemoveDeviceRequest>,
+    ) -> Result<Response<v1::RemoveDeviceResponse>, Status> {
+        self.check(&req)?;
+        let req = req.into_inner();
+        self.record(Call::Remove(req.clone()));
+        let device = find(&req.id)?;
+        let reset_sent = req.reset && device.connected;
+        Ok(Response::new(v1::RemoveDeviceResponse {
+            was_connected: device.connected,
+            reset_sent,
+            reset_acknowledged: reset_sent && device.id == "7h3k2m",
+        }))
+    }
+
+    async fn isolate_device(
+        &self,
+        req: Request<v1::IsolateDeviceRequest>,
+    ) -> Result<Response<v1::Device>, Status> {
+        self.check(&req)?;
+        let req = req.into_inner();
+        self.record(Call::Isolate(req.clone()));
+        let mut device = find(&req.id)?;
+        device.state = v1::DeviceState::Isolated.into();
+        device.isolation_reason = req.reason;
+        Ok(Response::new(device))
+    }
+
+    async fn release_device(
+        &self,
+        req: Request<v1::ReleaseDeviceRequest>,
+    ) -> Result<Response<v1::Device>, Status> {
+        self.check(&req)?;
+        let req = req.into_inner();
+        self.record(Call::Release(req.clone()));
+        let mut device = find(&req.id)?;
+        device.state = v1::DeviceState::Active.into();
+        device.isolation_reason.clear();
+        Ok(Response::new(device))
+    }
+
+    /// Adds or removes filters; a device (not an integration) is refused.
+    async fn update_grants(
+        &self,
+        req: Request<v1::UpdateGrantsRequest>,
+    ) -> Result<Response<v1::Device>, Status> {
+        self.check(&req)?;
+        let req = req.into_inner();
+        self.record(Call::UpdateGrants(req.clone()));
+        let mut device = find(&req.id)?;
+        if device.role != i32::from(v1::Role::Integration) {
+            return Err(Status::failed_precondition(
+                "only an integration has grants",
+            ));
+        }
+        let change = req.grants.unwrap_or_default();
+        let have = device.grants.get_or_insert_with(v1::Grants::default);
+        for (list, filters) in [
+            (&mut have.publish, change.publish),
+            (&mut have.subscribe, change.subscribe),
+        ] {
+            for filter in filters {
+                if req.revoke {
+                    list.retain(|f| *f != filter);
+                } else if !list.contains(&filter) {
+                    list.push(filter);
+                }
+            }
+        }
+        Ok(Response::new(device))
+    }
 }
 
 /// A running fake hub; the server task ends with the test's runtime.
@@ -347,9 +581,10 @@ async fn devices_list_human_and_json() {
     let hub = start(FakeHub::default());
     assert_eq!(
         ok(&hub.socket, &["devices", "list"]).await,
-        "ID      NAME              STATE   CONNECTED  CERT EXPIRES      LAST SEEN\n\
-         7h3k2m  Küche Thermostat  active  yes        2026-11-22 14:03  2025-11-23 09:41\n\
-         a1b2c3  台所のセンサー    active  no         2026-11-22 14:03  -\n"
+        "ID      NAME              ROLE         STATE     CONNECTED  CERT EXPIRES      LAST SEEN         REASON\n\
+         h0m3as  Home Assistant    integration  active    yes        2026-11-22 14:03  2025-11-23 09:41  -\n\
+         7h3k2m  Küche Thermostat  device       active    yes        2026-11-22 14:03  2025-11-23 09:41  -\n\
+         a1b2c3  台所のセンサー    device       isolated  no         2026-11-22 14:03  -                 no firmware updates since 2021\n"
     );
 
     let json: serde_json::Value =
@@ -357,6 +592,22 @@ async fn devices_list_human_and_json() {
     assert_eq!(
         json,
         serde_json::json!({ "devices": [
+            {
+                "id": "h0m3as",
+                "name": "Home Assistant",
+                "state": "active",
+                "connected": true,
+                "cert_serial": "3f9a",
+                "cert_not_after": EXPIRES,
+                "cert_not_after_rfc3339": "2026-11-22T14:03:00Z",
+                "created_at": CREATED,
+                "created_at_rfc3339": "2025-11-22T14:03:00Z",
+                "last_seen": SEEN,
+                "last_seen_rfc3339": "2025-11-23T09:41:00Z",
+                "role": "integration",
+                "isolation_reason": null,
+                "grants": { "publish": ["d/+/cmd/#"], "subscribe": ["d/+/state"] },
+            },
             {
                 "id": "7h3k2m",
                 "name": "Küche Thermostat",
@@ -369,11 +620,14 @@ async fn devices_list_human_and_json() {
                 "created_at_rfc3339": "2025-11-22T14:03:00Z",
                 "last_seen": SEEN,
                 "last_seen_rfc3339": "2025-11-23T09:41:00Z",
+                "role": "device",
+                "isolation_reason": null,
+                "grants": { "publish": [], "subscribe": [] },
             },
             {
                 "id": "a1b2c3",
                 "name": "台所のセンサー",
-                "state": "active",
+                "state": "isolated",
                 "connected": false,
                 "cert_serial": "3f9a",
                 "cert_not_after": EXPIRES,
@@ -382,6 +636,9 @@ async fn devices_list_human_and_json() {
                 "created_at_rfc3339": "2025-11-22T14:03:00Z",
                 "last_seen": null,
                 "last_seen_rfc3339": null,
+                "role": "device",
+                "isolation_reason": REASON,
+                "grants": { "publish": [], "subscribe": [] },
             },
         ]})
     );
@@ -392,20 +649,55 @@ async fn devices_show_human_and_json() {
     let hub = start(FakeHub::default());
     assert_eq!(
         ok(&hub.socket, &["devices", "show", "7h3k2m"]).await,
-        "id:           7h3k2m\n\
-         name:         Küche Thermostat\n\
-         state:        active\n\
-         connected:    yes\n\
-         cert serial:  3f9a\n\
-         cert expires: 2026-11-22 14:03\n\
-         created:      2025-11-22 14:03\n\
-         last seen:    2025-11-23 09:41\n"
+        "id:               7h3k2m\n\
+         name:             Küche Thermostat\n\
+         role:             device\n\
+         state:            active\n\
+         isolation reason: -\n\
+         connected:        yes\n\
+         cert serial:      3f9a\n\
+         cert expires:     2026-11-22 14:03\n\
+         created:          2025-11-22 14:03\n\
+         last seen:        2025-11-23 09:41\n\
+         may publish:      -\n\
+         may subscribe:    -\n"
+    );
+    assert_eq!(
+        ok(&hub.socket, &["devices", "show", "a1b2c3"]).await,
+        "id:               a1b2c3\n\
+         name:             台所のセンサー\n\
+         role:             device\n\
+         state:            isolated\n\
+         isolation reason: no firmware updates since 2021\n\
+         connected:        no\n\
+         cert serial:      3f9a\n\
+         cert expires:     2026-11-22 14:03\n\
+         created:          2025-11-22 14:03\n\
+         last seen:        -\n\
+         may publish:      -\n\
+         may subscribe:    -\n"
+    );
+    let human = ok(&hub.socket, &["devices", "show", "h0m3as"]).await;
+    assert!(
+        human.contains("\nrole:             integration\n"),
+        "{human}"
+    );
+    assert!(
+        human.ends_with("\nmay publish:      d/+/cmd/#\nmay subscribe:    d/+/state\n"),
+        "{human}"
     );
     let json: serde_json::Value =
         serde_json::from_str(&ok(&hub.socket, &["devices", "show", "a1b2c3", "--json"]).await)
             .expect("json");
     assert_eq!(json["id"], "a1b2c3");
     assert_eq!(json["last_seen"], serde_json::Value::Null);
+    assert_eq!(json["state"], "isolated");
+    assert_eq!(json["role"], "device");
+    assert_eq!(json["isolation_reason"], REASON);
+    assert_eq!(
+        json["grants"],
+        serde_json::json!({ "publish": [], "subscribe": [] })
+    );
 }
 
 #[tokio::test]
@@ -781,5 +1073,546 @@ async fn watch_stream_end_and_refusal() {
     assert_eq!(
         r.err,
         "hubctl: watch d/#/state: filter: '#' must be the last level\n"
+    );
+}
+
+/// A FakeHub that records its calls, and the record.
+fn recording() -> (FakeHub, Calls) {
+    let calls = Calls::default();
+    let hub = FakeHub {
+        calls: Arc::clone(&calls),
+        ..FakeHub::default()
+    };
+    (hub, calls)
+}
+
+/// The QR code hubctl must print for [`PAIR_URI`], rendered here independently.
+fn expected_qr() -> String {
+    use qrcode::render::unicode::Dense1x2;
+    qrcode::QrCode::new(PAIR_URI.as_bytes())
+        .expect("the URI fits in a QR code")
+        .render::<Dense1x2>()
+        .dark_color(Dense1x2::Light)
+        .light_color(Dense1x2::Dark)
+        .quiet_zone(true)
+        .build()
+}
+
+#[tokio::test]
+async fn pair_prints_code_uri_expiry_and_qr() {
+    let (fake, calls) = recording();
+    let hub = start(fake);
+    let out = ok(&hub.socket, &["pair", "--name", "Hall light"]).await;
+    assert_eq!(
+        out,
+        format!(
+            "pairing window c1a1m open for Hall light (device)\n\
+             \n    setup code:  {SETUP_CODE}\n\n\
+             uri:     {PAIR_URI}\n\
+             expires: 2026-01-05 10:20:30 UTC\n\
+             \n{qr}\n\n\
+             Give the device the URI and the setup code, which works once (a simulated \
+             device: hubsim pair --uri '{PAIR_URI}' --code {SETUP_CODE} --out DIR)\n",
+            qr = expected_qr()
+        )
+    );
+    // The default role is sent explicitly; the window is hubd's default.
+    assert_eq!(
+        take_calls(&calls),
+        [Call::OpenPairing(v1::OpenPairingRequest {
+            name: "Hall light".into(),
+            role: v1::Role::Device.into(),
+            window_seconds: 0,
+            grants: None,
+        })]
+    );
+}
+
+#[tokio::test]
+async fn pair_json_has_exactly_the_documented_keys() {
+    let (fake, calls) = recording();
+    let hub = start(fake);
+    let out = ok(
+        &hub.socket,
+        &[
+            "pair",
+            "--name",
+            "Home Assistant",
+            "--role",
+            "integration",
+            "--window",
+            "90s",
+            "--allow-sub",
+            "d/+/state",
+            "--allow-pub",
+            "d/+/cmd/#",
+            "--allow-sub",
+            "$hub/isolation/+",
+            "--json",
+        ],
+    )
+    .await;
+    let json: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "claim_id": CLAIM,
+            "code": SETUP_CODE,
+            "uri": PAIR_URI,
+            "expires_at": PAIR_EXPIRES,
+            "expires_at_rfc3339": "2026-01-05T10:20:30Z",
+        })
+    );
+    // No QR code and nothing else around the JSON.
+    assert!(out.starts_with('{') && out.ends_with("}\n"), "{out}");
+    assert_eq!(
+        take_calls(&calls),
+        [Call::OpenPairing(v1::OpenPairingRequest {
+            name: "Home Assistant".into(),
+            role: v1::Role::Integration.into(),
+            window_seconds: 90,
+            grants: Some(grants(&["d/+/cmd/#"], &["d/+/state", "$hub/isolation/+"])),
+        })]
+    );
+}
+
+#[tokio::test]
+async fn pair_usage_errors_exit_2_without_asking_hubd() {
+    let (fake, calls) = recording();
+    let hub = start(fake);
+    for args in [
+        &["pair"][..],
+        &["pair", "--name", "x", "--list"],
+        &["pair", "--list", "--cancel", CLAIM],
+        &["pair", "--name", "x", "--allow-pub", "a/b"],
+        &[
+            "pair",
+            "--name",
+            "x",
+            "--role",
+            "device",
+            "--allow-sub",
+            "a/b",
+        ],
+        &["pair", "--name", "x", "--window", "0"],
+        &["pair", "--name", "x", "--window", "soon"],
+        &["pair", "--name", "x", "--bundle", "d", "--window", "5m"],
+        &["pair", "--list", "--role", "integration"],
+    ] {
+        let r = hubctl(&hub.socket, args).await;
+        assert_eq!(r.code, 2, "{args:?}: {}", r.err);
+        assert_eq!(r.out, "", "{args:?}");
+        assert!(r.err.starts_with("error: "), "{args:?}: {}", r.err);
+    }
+    let r = hubctl(&hub.socket, &["pair", "--name", "x", "--allow-pub", "a/b"]).await;
+    assert!(
+        r.err.starts_with(
+            "error: --allow-pub and --allow-sub need --role integration: \
+             a device has only its own topics\n\nUsage: hubctl pair "
+        ),
+        "{}",
+        r.err
+    );
+    assert!(take_calls(&calls).is_empty());
+}
+
+#[tokio::test]
+async fn pair_list_and_cancel() {
+    let (fake, calls) = recording();
+    let hub = start(fake);
+    assert_eq!(
+        ok(&hub.socket, &["pair", "--list"]).await,
+        "CLAIM   NAME                ROLE         EXPIRES                  FAILURES\n\
+         c1a1m   Hall light          device       2026-01-05 10:20:30 UTC  0\n\
+         9x8y7z  Node-RED\\u{1b}[31m  integration  2026-01-05 11:20:30 UTC  3\n"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&hub.socket, &["pair", "--list", "--json"]).await).expect("json");
+    assert_eq!(
+        json,
+        serde_json::json!({ "windows": [
+            {
+                "claim_id": CLAIM,
+                "name": "Hall light",
+                "role": "device",
+                "expires_at": PAIR_EXPIRES,
+                "expires_at_rfc3339": "2026-01-05T10:20:30Z",
+                "failures": 0,
+                "grants": { "publish": [], "subscribe": [] },
+            },
+            {
+                "claim_id": "9x8y7z",
+                "name": "Node-RED\u{1b}[31m",
+                "role": "integration",
+                "expires_at": PAIR_EXPIRES + 3_600,
+                "expires_at_rfc3339": "2026-01-05T11:20:30Z",
+                "failures": 3,
+                "grants": { "publish": [], "subscribe": ["d/+/state"] },
+            },
+        ]})
+    );
+
+    assert_eq!(
+        ok(&hub.socket, &["pair", "--cancel", CLAIM]).await,
+        "cancelled pairing window c1a1m for Hall light\n"
+    );
+    let r = hubctl(&hub.socket, &["pair", "--cancel", "nope"]).await;
+    assert_eq!(r.code, 1);
+    assert_eq!(r.out, "");
+    assert_eq!(
+        r.err,
+        "hubctl: pair --cancel nope: no open pairing window with that claim id\n"
+    );
+    assert_eq!(
+        take_calls(&calls),
+        [
+            Call::CancelPairing(v1::CancelPairingRequest {
+                claim_id: CLAIM.into()
+            }),
+            Call::CancelPairing(v1::CancelPairingRequest {
+                claim_id: "nope".into()
+            }),
+        ]
+    );
+}
+
+fn mode_of(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+fn bundle_warning(key: &Path) -> String {
+    format!(
+        "hubctl: warning: the hub made this device's private key and it travelled \
+         to {}: copy it to the device only over a channel you trust, then delete \
+         every other copy. A device that can make its own key should pair with \
+         `hubctl pair` instead, so that its key never leaves it.\n",
+        key.display()
+    )
+}
+
+#[tokio::test]
+async fn pair_bundle_writes_0600_files_and_warns() {
+    let (fake, calls) = recording();
+    let hub = start(fake);
+    let work = tempfile::tempdir().expect("tempdir");
+    let dir = work.path().join("new").join("porch");
+    let dir_arg = dir.to_str().expect("utf-8 temp path");
+    let args = ["pair", "--name", "Porch sensor", "--bundle", dir_arg];
+
+    let r = hubctl(&hub.socket, &args).await;
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert_eq!(r.out, "n3wd3v\n");
+    assert_eq!(r.err, bundle_warning(&dir.join("key.pem")));
+    for (file, pem) in [
+        ("key.pem", KEY_PEM),
+        ("cert.pem", CERT_PEM),
+        ("ca.pem", CA_PEM),
+    ] {
+        let path = dir.join(file);
+        assert_eq!(std::fs::read_to_string(&path).expect(file), pem);
+        assert_eq!(mode_of(&path), 0o600, "{file}");
+    }
+    assert_eq!(mode_of(&dir), 0o700);
+    assert_eq!(
+        take_calls(&calls),
+        [Call::EnrollBundle(v1::EnrollBundleRequest {
+            name: "Porch sensor".into(),
+            role: v1::Role::Device.into(),
+            grants: None,
+        })]
+    );
+
+    // Existing files are refused before hubd makes a key.
+    let r = hubctl(&hub.socket, &args).await;
+    assert_eq!(r.code, 1);
+    assert_eq!(r.out, "");
+    assert_eq!(
+        r.err,
+        format!(
+            "hubctl: pair Porch sensor --bundle: {}: already exists (use --force to replace it)\n",
+            dir.join("key.pem").display()
+        )
+    );
+    assert!(take_calls(&calls).is_empty());
+    // Any one of the three is enough to refuse.
+    let other = work.path().join("other");
+    std::fs::create_dir(&other).expect("mkdir");
+    std::fs::write(other.join("ca.pem"), "old").expect("write");
+    let other_arg = other.to_str().expect("utf-8 temp path");
+    let r = hubctl(&hub.socket, &["pair", "--name", "x", "--bundle", other_arg]).await;
+    assert_eq!(r.code, 1);
+    assert!(r.err.contains("ca.pem: already exists"), "{}", r.err);
+    assert!(take_calls(&calls).is_empty());
+
+    // --force replaces them, still 0600, even over a file that was wider open.
+    std::fs::set_permissions(dir.join("cert.pem"), std::fs::Permissions::from_mode(0o644))
+        .expect("chmod");
+    let forced: Vec<&str> = args.iter().copied().chain(["--force"]).collect();
+    let r = hubctl(&hub.socket, &forced).await;
+    assert_eq!((r.code, r.out.as_str()), (0, "n3wd3v\n"), "{}", r.err);
+    for file in ["key.pem", "cert.pem", "ca.pem"] {
+        assert_eq!(mode_of(&dir.join(file)), 0o600, "{file}");
+    }
+    assert_eq!(take_calls(&calls).len(), 1);
+
+    // An integration's bundle carries its grants.
+    let ha = work.path().join("ha");
+    let ha_arg = ha.to_str().expect("utf-8 temp path");
+    let r = hubctl(
+        &hub.socket,
+        &[
+            "pair",
+            "--name",
+            "HA",
+            "--bundle",
+            ha_arg,
+            "--role",
+            "integration",
+            "--allow-sub",
+            "d/+/state",
+        ],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert_eq!(
+        take_calls(&calls),
+        [Call::EnrollBundle(v1::EnrollBundleRequest {
+            name: "HA".into(),
+            role: v1::Role::Integration.into(),
+            grants: Some(grants(&[], &["d/+/state"])),
+        })]
+    );
+}
+
+#[tokio::test]
+async fn devices_rename_prints_the_device() {
+    let (fake, calls) = recording();
+    let hub = start(fake);
+    assert_eq!(
+        ok(
+            &hub.socket,
+            &["devices", "rename", "7h3k2m", "Hall thermostat"]
+        )
+        .await,
+        "id:    7h3k2m\n\
+         name:  Hall thermostat\n\
+         role:  device\n\
+         state: active\n"
+    );
+    assert_eq!(
+        take_calls(&calls),
+        [Call::Rename(v1::RenameDeviceRequest {
+            id: "7h3k2m".into(),
+            name: "Hall thermostat".into(),
+        })]
+    );
+    let r = hubctl(&hub.socket, &["devices", "rename", "nope", "x"]).await;
+    assert_eq!(r.code, 1);
+    assert_eq!(r.err, "hubctl: devices rename nope: no such device\n");
+}
+
+#[tokio::test]
+async fn devices_remove_reports_connection_and_reset() {
+    let (fake, calls) = recording();
+    let hub = start(fake);
+    for (args, want) in [
+        (
+            &["devices", "remove", "7h3k2m"][..],
+            "removed 7h3k2m (was connected)\n",
+        ),
+        (
+            &["devices", "remove", "a1b2c3"],
+            "removed a1b2c3 (was not connected)\n",
+        ),
+        (
+            &["devices", "remove", "7h3k2m", "--reset"],
+            "removed 7h3k2m (was connected; reset acknowledged)\n",
+        ),
+        (
+            &["devices", "remove", "h0m3as", "--reset", "--timeout", "2s"],
+            "removed h0m3as (was connected; reset sent, not acknowledged)\n",
+        ),
+        (
+            &["devices", "remove", "a1b2c3", "--reset"],
+            "removed a1b2c3 (was not connected; reset not sent)\n",
+        ),
+    ] {
+        assert_eq!(ok(&hub.socket, args).await, want, "{args:?}");
+    }
+    let remove = |id: &str, reset: bool, reset_timeout_seconds: u32| {
+        Call::Remove(v1::RemoveDeviceRequest {
+            id: id.into(),
+            reset,
+            reset_timeout_seconds,
+        })
+    };
+    assert_eq!(
+        take_calls(&calls),
+        [
+            remove("7h3k2m", false, 0),
+            remove("a1b2c3", false, 0),
+            remove("7h3k2m", true, 0),
+            remove("h0m3as", true, 2),
+            remove("a1b2c3", true, 0),
+        ]
+    );
+    // --timeout only means something with --reset.
+    let r = hubctl(
+        &hub.socket,
+        &["devices", "remove", "7h3k2m", "--timeout", "2s"],
+    )
+    .await;
+    assert_eq!(r.code, 2, "{}", r.err);
+    assert!(take_calls(&calls).is_empty());
+}
+
+#[tokio::test]
+async fn isolate_and_release() {
+    let (fake, calls) = recording();
+    let hub = start(fake);
+    assert_eq!(
+        ok(
+            &hub.socket,
+            &[
+                "isolate",
+                "7h3k2m",
+                "--reason",
+                "vendor stopped updates\x1b[2J"
+            ]
+        )
+        .await,
+        "id:               7h3k2m\n\
+         name:             Küche Thermostat\n\
+         role:             device\n\
+         state:            isolated\n\
+         isolation reason: vendor stopped updates\\u{1b}[2J\n"
+    );
+    assert_eq!(
+        ok(&hub.socket, &["release", "a1b2c3"]).await,
+        "id:    a1b2c3\n\
+         name:  台所のセンサー\n\
+         role:  device\n\
+         state: active\n"
+    );
+    assert_eq!(
+        take_calls(&calls),
+        [
+            Call::Isolate(v1::IsolateDeviceRequest {
+                id: "7h3k2m".into(),
+                reason: "vendor stopped updates\x1b[2J".into(),
+            }),
+            Call::Release(v1::ReleaseDeviceRequest {
+                id: "a1b2c3".into()
+            }),
+        ]
+    );
+
+    // The reason is required, and may not be empty.
+    for args in [
+        &["isolate", "7h3k2m"][..],
+        &["isolate", "7h3k2m", "--reason", ""],
+    ] {
+        let r = hubctl(&hub.socket, args).await;
+        assert_eq!(r.code, 2, "{args:?}: {}", r.err);
+        assert_eq!(r.out, "");
+    }
+    let r = hubctl(&hub.socket, &["isolate", "7h3k2m"]).await;
+    assert!(r.err.contains("--reason <TEXT>"), "{}", r.err);
+    assert!(take_calls(&calls).is_empty());
+
+    let r = hubctl(&hub.socket, &["release", "nope"]).await;
+    assert_eq!(r.code, 1);
+    assert_eq!(r.err, "hubctl: release nope: no such device\n");
+}
+
+#[tokio::test]
+async fn grant_and_revoke_grant() {
+    let (fake, calls) = recording();
+    let hub = start(fake);
+    assert_eq!(
+        ok(
+            &hub.socket,
+            &[
+                "devices",
+                "grant",
+                "h0m3as",
+                "--allow-sub",
+                "d/+/meta",
+                "--allow-pub",
+                "d/7h3k2m/cmd/#",
+            ]
+        )
+        .await,
+        "id:            h0m3as\n\
+         name:          Home Assistant\n\
+         role:          integration\n\
+         state:         active\n\
+         may publish:   d/+/cmd/#, d/7h3k2m/cmd/#\n\
+         may subscribe: d/+/state, d/+/meta\n"
+    );
+    assert_eq!(
+        ok(
+            &hub.socket,
+            &[
+                "devices",
+                "revoke-grant",
+                "h0m3as",
+                "--allow-pub",
+                "d/+/cmd/#"
+            ]
+        )
+        .await,
+        "id:            h0m3as\n\
+         name:          Home Assistant\n\
+         role:          integration\n\
+         state:         active\n\
+         may publish:   -\n\
+         may subscribe: d/+/state\n"
+    );
+    assert_eq!(
+        take_calls(&calls),
+        [
+            Call::UpdateGrants(v1::UpdateGrantsRequest {
+                id: "h0m3as".into(),
+                grants: Some(grants(&["d/7h3k2m/cmd/#"], &["d/+/meta"])),
+                revoke: false,
+            }),
+            Call::UpdateGrants(v1::UpdateGrantsRequest {
+                id: "h0m3as".into(),
+                grants: Some(grants(&["d/+/cmd/#"], &[])),
+                revoke: true,
+            }),
+        ]
+    );
+
+    // At least one filter is a usage error before hubd is asked.
+    for args in [
+        &["devices", "grant", "h0m3as"][..],
+        &["devices", "revoke-grant", "h0m3as"],
+    ] {
+        let r = hubctl(&hub.socket, args).await;
+        assert_eq!(r.code, 2, "{args:?}: {}", r.err);
+        assert!(
+            r.err.contains("--allow-pub <FILTER>|--allow-sub <FILTER>"),
+            "{}",
+            r.err
+        );
+    }
+    assert!(take_calls(&calls).is_empty());
+
+    // hubd's refusal for a device is passed on.
+    let r = hubctl(
+        &hub.socket,
+        &["devices", "grant", "7h3k2m", "--allow-sub", "#"],
+    )
+    .await;
+    assert_eq!(r.code, 1);
+    assert_eq!(
+        r.err,
+        "hubctl: devices grant 7h3k2m: only an integration has grants\n"
     );
 }

@@ -6,7 +6,7 @@
 //! before anything reaches the router, and tests can exercise the whole policy
 //! without a network. The table it implements is DESIGN.md's "Topics and ACL".
 
-use crate::model::DeviceId;
+use crate::model::{DeviceId, Grants};
 
 /// The rights a connected principal has, chosen when its session starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +16,9 @@ pub enum Principal {
     /// A device cut off from commands: it may report state and metadata and
     /// hear only its own isolation notice.
     Isolated(DeviceId),
+    /// An integration (Home Assistant, Node-RED): exactly the filters granted
+    /// at pairing or since, and never a command to an isolated device.
+    Integration(DeviceId, Grants),
     /// The hub itself (automations, the admin API): anything.
     Hub,
 }
@@ -103,18 +106,77 @@ fn check_common(s: &str, limits: TopicLimits) -> Result<(), TopicError> {
 }
 
 /// May `who` publish to `topic`? The topic must already have passed
-/// [`validate_topic`].
-pub fn check_publish(who: &Principal, topic: &str) -> bool {
+/// [`validate_topic`]. `is_isolated` says whether a device id is isolated:
+/// commands to such a device are refused to integrations. (The hub's own
+/// commands are checked with [`command_target`] by whoever sends them.)
+pub fn check_publish(who: &Principal, topic: &str, is_isolated: &dyn Fn(&str) -> bool) -> bool {
     match who {
         Principal::Hub => true,
         Principal::Device(id) => {
             let Some(rest) = own_suffix(id, topic) else {
                 return false;
             };
-            rest == "state" || rest == "meta" || under(rest, "event") || under(rest, "ack")
+            rest == "state"
+                || rest == "meta"
+                || rest == "cert/csr"
+                || under(rest, "event")
+                || under(rest, "ack")
         }
         Principal::Isolated(id) => {
             matches!(own_suffix(id, topic), Some("state") | Some("meta"))
+        }
+        Principal::Integration(_, grants) => {
+            grants.publish.iter().any(|g| topic_matches(g, topic))
+                && !command_target(topic).is_some_and(is_isolated)
+        }
+    }
+}
+
+/// The device a topic commands (`d/<id>/cmd/...`), if it is a command.
+pub fn command_target(topic: &str) -> Option<&str> {
+    let rest = topic.strip_prefix("d/")?;
+    let (id, rest) = rest.split_once('/')?;
+    under(rest, "cmd").then_some(id)
+}
+
+/// Does the MQTT filter match the topic? (`#` and `+` at the first level do
+/// not match topics starting with `$`, as MQTT says.)
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && filter.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(fl), Some(tl)) if fl == tl => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Is every topic that `filter` matches also matched by `grant`?
+pub fn filter_covered(grant: &str, filter: &str) -> bool {
+    if filter.starts_with('$') && grant.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut g = grant.split('/');
+    let mut f = filter.split('/');
+    loop {
+        match (g.next(), f.next()) {
+            (Some("#"), _) => return true,
+            // The filter stopped short of a literal or `+` level. (`a/#`
+            // covering `a` is the first arm.)
+            (Some(_), None) => return false,
+            (None, Some(_)) => return false,
+            (None, None) => return true,
+            (Some(_), Some("#")) => return false,
+            (Some("+"), Some(_)) => {}
+            (Some(gl), Some(fl)) if gl == fl && fl != "+" => {}
+            _ => return false,
         }
     }
 }
@@ -130,8 +192,12 @@ pub fn check_subscribe(who: &Principal, filter: &str) -> bool {
             filter_within(filter, &["d", id.as_str(), "cmd"])
                 || filter_within(filter, &["d", id.as_str(), "ota"])
                 || filter_within(filter, &["$hub", "broadcast"])
+                || filter == format!("d/{id}/cert/new")
         }
         Principal::Isolated(id) => filter == format!("$hub/isolation/{id}"),
+        Principal::Integration(_, grants) => {
+            grants.subscribe.iter().any(|g| filter_covered(g, filter))
+        }
     }
 }
 
@@ -188,7 +254,7 @@ mod tests {
             "d/a/event/x/y",
             "d/a/ack/1",
         ] {
-            assert!(check_publish(&a, ok), "{ok} refused");
+            assert!(check_publish(&a, ok, &|_| false), "{ok} refused");
         }
         for bad in [
             "d/b/state",
@@ -202,7 +268,7 @@ mod tests {
             "$SYS/x",
             "x/d/a/state",
         ] {
-            assert!(!check_publish(&a, bad), "{bad} allowed");
+            assert!(!check_publish(&a, bad, &|_| false), "{bad} allowed");
         }
     }
 
@@ -242,9 +308,9 @@ mod tests {
     #[test]
     fn isolated_device_keeps_only_the_alerting_channel() {
         let a = Principal::Isolated(DeviceId::parse("a").unwrap());
-        assert!(check_publish(&a, "d/a/state"));
-        assert!(check_publish(&a, "d/a/meta"));
-        assert!(!check_publish(&a, "d/a/event/x"));
+        assert!(check_publish(&a, "d/a/state", &|_| false));
+        assert!(check_publish(&a, "d/a/meta", &|_| false));
+        assert!(!check_publish(&a, "d/a/event/x", &|_| false));
         assert!(check_subscribe(&a, "$hub/isolation/a"));
         assert!(!check_subscribe(&a, "d/a/cmd/#"));
         assert!(!check_subscribe(&a, "$hub/isolation/+"));
@@ -252,8 +318,83 @@ mod tests {
 
     #[test]
     fn hub_may_do_anything() {
-        assert!(check_publish(&Principal::Hub, "d/a/cmd/x"));
+        assert!(check_publish(&Principal::Hub, "d/a/cmd/x", &|_| false));
         assert!(check_subscribe(&Principal::Hub, "#"));
+    }
+
+    #[test]
+    fn renewal_topics_belong_to_the_device() {
+        let a = dev("a");
+        assert!(check_publish(&a, "d/a/cert/csr", &|_| false));
+        assert!(!check_publish(&a, "d/b/cert/csr", &|_| false));
+        assert!(!check_publish(&a, "d/a/cert/new", &|_| false));
+        assert!(check_subscribe(&a, "d/a/cert/new"));
+        assert!(!check_subscribe(&a, "d/a/cert/#"));
+        assert!(!check_subscribe(&a, "d/b/cert/new"));
+        let isolated = Principal::Isolated(DeviceId::parse("a").unwrap());
+        assert!(!check_publish(&isolated, "d/a/cert/csr", &|_| false));
+    }
+
+    fn integration(publish: &[&str], subscribe: &[&str]) -> Principal {
+        Principal::Integration(
+            DeviceId::parse("ha").unwrap(),
+            Grants {
+                publish: publish.iter().map(|s| s.to_string()).collect(),
+                subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+            },
+        )
+    }
+
+    #[test]
+    fn integrations_get_exactly_their_grants() {
+        let ha = integration(&["d/+/cmd/#"], &["d/+/state", "d/kitchen/#"]);
+        let none = |_: &str| false;
+        assert!(check_publish(&ha, "d/x/cmd/on", &none));
+        assert!(!check_publish(&ha, "d/x/state", &none));
+        assert!(!check_publish(&ha, "$hub/broadcast/x", &none));
+        assert!(check_subscribe(&ha, "d/+/state"));
+        assert!(check_subscribe(&ha, "d/x/state"));
+        assert!(check_subscribe(&ha, "d/kitchen/event/#"));
+        assert!(check_subscribe(&ha, "d/kitchen"));
+        assert!(!check_subscribe(&ha, "d/#"));
+        assert!(!check_subscribe(&ha, "d/+/cmd/#"));
+        assert!(!check_subscribe(&ha, "#"));
+        let nothing = integration(&[], &[]);
+        assert!(!check_publish(&nothing, "d/x/cmd/on", &none));
+        assert!(!check_subscribe(&nothing, "d/x/state"));
+    }
+
+    #[test]
+    fn integrations_never_command_an_isolated_device() {
+        let ha = integration(&["#"], &[]);
+        let isolated = |id: &str| id == "bad";
+        assert!(!check_publish(&ha, "d/bad/cmd/on", &isolated));
+        assert!(!check_publish(&ha, "d/bad/cmd", &isolated));
+        assert!(check_publish(&ha, "d/good/cmd/on", &isolated));
+        assert!(check_publish(&ha, "d/bad/state", &isolated));
+        assert_eq!(command_target("d/x/cmd/a/b"), Some("x"));
+        assert_eq!(command_target("d/x/cmdx"), None);
+        assert_eq!(command_target("d/x/state"), None);
+    }
+
+    #[test]
+    fn mqtt_matching_and_coverage() {
+        assert!(topic_matches("d/+/state", "d/a/state"));
+        assert!(!topic_matches("d/+/state", "d/a/b/state"));
+        assert!(topic_matches("d/#", "d"));
+        assert!(topic_matches("#", "a/b"));
+        assert!(!topic_matches("#", "$hub/x"));
+        assert!(!topic_matches("+/x", "$hub/x"));
+        assert!(topic_matches("$hub/#", "$hub/x"));
+        assert!(filter_covered("#", "a/+/b"));
+        assert!(filter_covered("a/+", "a/b"));
+        assert!(filter_covered("a/+", "a/+"));
+        assert!(!filter_covered("a/b", "a/+"));
+        assert!(!filter_covered("a/+", "a/#"));
+        assert!(filter_covered("a/#", "a"));
+        assert!(!filter_covered("a/b/#", "a"));
+        assert!(!filter_covered("#", "$hub/#"));
+        assert!(filter_covered("$hub/#", "$hub/isolation/x"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -30,7 +30,8 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::edge::{self, EdgeHandle};
-use crate::model::{DeviceId, DeviceName, Qos};
+use crate::model::{DeviceId, DeviceName, Grants, Qos, Role};
+use crate::pairing::{SetupCode, WindowInfo};
 use crate::registry::{self, RegistryHandle};
 use crate::store::{DeviceRecord, DeviceState};
 
@@ -196,6 +197,16 @@ pub struct ApiState {
     pub max_payload: usize,
 }
 
+impl Service {
+    /// Tells the edge which devices are isolated now.
+    async fn refresh_isolated(&self) -> Result<(), Status> {
+        let registry = self.state.registry.clone();
+        let isolated = blocking(move || registry.isolated()).await?;
+        self.state.edge.set_isolated(isolated);
+        Ok(())
+    }
+}
+
 struct Service {
     state: ApiState,
     /// Ends open `Watch` streams when the API stops: graceful shutdown waits
@@ -257,9 +268,15 @@ impl From<registry::Error> for Status {
     fn from(e: registry::Error) -> Status {
         match e {
             registry::Error::NotFound(_) => Status::not_found(e.to_string()),
-            registry::Error::BadCsr(_) => Status::invalid_argument(e.to_string()),
-            registry::Error::Ca(_) => Status::internal(e.to_string()),
-            registry::Error::Store(_) => Status::internal(e.to_string()),
+            registry::Error::BadCsr(_) | registry::Error::BadGrant(_) => {
+                Status::invalid_argument(e.to_string())
+            }
+            registry::Error::Revoked(_) | registry::Error::NotIntegration(_) => {
+                Status::failed_precondition(e.to_string())
+            }
+            registry::Error::Ca(_) | registry::Error::Store(_) | registry::Error::KeyGen(_) => {
+                Status::internal(e.to_string())
+            }
         }
     }
 }
@@ -268,6 +285,8 @@ impl From<edge::Error> for Status {
     fn from(e: edge::Error) -> Status {
         match e {
             edge::Error::Topic { .. } => Status::invalid_argument(e.to_string()),
+            edge::Error::Isolated(_) => Status::failed_precondition(e.to_string()),
+            edge::Error::Pairing(_) => Status::failed_precondition(e.to_string()),
             edge::Error::Tls(_)
             | edge::Error::Verifier(_)
             | edge::Error::Link(_)
@@ -281,14 +300,81 @@ fn parse_id(field: &str, id: &str) -> Result<DeviceId, Status> {
     DeviceId::parse(id).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
 }
 
+fn role_to_pb(role: Role) -> pb::Role {
+    match role {
+        Role::Device => pb::Role::Device,
+        Role::Integration => pb::Role::Integration,
+    }
+}
+
+fn role_from_pb(field: &str, role: i32) -> Result<Role, Status> {
+    match pb::Role::try_from(role) {
+        Ok(pb::Role::Unspecified | pb::Role::Device) => Ok(Role::Device),
+        Ok(pb::Role::Integration) => Ok(Role::Integration),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "{field}: unknown role {role}"
+        ))),
+    }
+}
+
+fn grants_to_pb(g: &Grants) -> pb::Grants {
+    pb::Grants {
+        publish: g.publish.clone(),
+        subscribe: g.subscribe.clone(),
+    }
+}
+
+fn grants_from_pb(g: Option<pb::Grants>) -> Grants {
+    let g = g.unwrap_or_default();
+    Grants {
+        publish: g.publish,
+        subscribe: g.subscribe,
+    }
+}
+
+fn parse_name(name: &str) -> Result<DeviceName, Status> {
+    DeviceName::parse(name).map_err(|e| Status::invalid_argument(format!("name: {e}")))
+}
+
+/// Role and grants of a new client: grants only for integrations.
+fn role_and_grants(role: i32, grants: Option<pb::Grants>) -> Result<(Role, Grants), Status> {
+    let role = role_from_pb("role", role)?;
+    let grants = grants_from_pb(grants);
+    if role == Role::Device && grants != Grants::default() {
+        return Err(Status::invalid_argument(
+            "grants: only integrations have grants (use role integration)",
+        ));
+    }
+    registry::validate_grants(&grants).map_err(Status::from)?;
+    Ok((role, grants))
+}
+
+fn window_to_pb(info: &WindowInfo, code: Option<&SetupCode>, uri: String) -> pb::PairingWindow {
+    let remaining = info.expires_at.saturating_duration_since(Instant::now());
+    pb::PairingWindow {
+        claim_id: info.claim.clone(),
+        name: info.name.clone(),
+        role: role_to_pb(info.role) as i32,
+        code: code.map(|c| c.to_string()).unwrap_or_default(),
+        uri,
+        expires_at: time::OffsetDateTime::now_utc().unix_timestamp() + remaining.as_secs() as i64,
+        failures: info.failures,
+        grants: Some(grants_to_pb(&info.grants)),
+    }
+}
+
 fn device_to_pb(d: &DeviceRecord, connected: bool) -> pb::Device {
     pb::Device {
         id: d.id.to_string(),
         name: d.name.clone(),
         state: match d.state {
             DeviceState::Active => pb::DeviceState::Active,
+            DeviceState::Isolated => pb::DeviceState::Isolated,
             DeviceState::Revoked => pb::DeviceState::Revoked,
         } as i32,
+        role: role_to_pb(d.role) as i32,
+        isolation_reason: d.isolation_reason.clone().unwrap_or_default(),
+        grants: Some(grants_to_pb(&d.grants)),
         connected,
         cert_serial: d.cert_serial.clone(),
         cert_not_after: d.cert_not_after,
@@ -405,7 +491,9 @@ impl Admin for Service {
             return Err(Status::invalid_argument("csr_pem: empty"));
         }
         let registry = self.state.registry.clone();
-        let enrolled = blocking(move || registry.enroll(&name, &req.csr_pem)).await?;
+        let enrolled =
+            blocking(move || registry.enroll(&name, &req.csr_pem, Role::Device, Grants::default()))
+                .await?;
         Ok(Response::new(pb::EnrollDeviceResponse {
             device: Some(device_to_pb(&enrolled.device, false)),
             cert_pem: enrolled.cert_pem,
@@ -443,6 +531,202 @@ impl Admin for Service {
         Ok(Response::new(pb::DisconnectDeviceResponse {
             was_connected,
         }))
+    }
+
+    async fn open_pairing(
+        &self,
+        req: Request<pb::OpenPairingRequest>,
+    ) -> Result<Response<pb::PairingWindow>, Status> {
+        let req = req.into_inner();
+        let name = parse_name(&req.name)?;
+        let (role, grants) = role_and_grants(req.role, req.grants)?;
+        let lifetime =
+            (req.window_seconds > 0).then(|| Duration::from_secs(u64::from(req.window_seconds)));
+        let opened = self
+            .state
+            .edge
+            .open_pairing(name, role, grants, lifetime)
+            .await?;
+        Ok(Response::new(window_to_pb(
+            &opened.info,
+            Some(&opened.code),
+            opened.uri,
+        )))
+    }
+
+    async fn list_pairing(
+        &self,
+        _: Request<pb::ListPairingRequest>,
+    ) -> Result<Response<pb::ListPairingResponse>, Status> {
+        let windows = self
+            .state
+            .edge
+            .list_pairing()
+            .await?
+            .into_iter()
+            .map(|(info, uri)| window_to_pb(&info, None, uri))
+            .collect();
+        Ok(Response::new(pb::ListPairingResponse { windows }))
+    }
+
+    async fn cancel_pairing(
+        &self,
+        req: Request<pb::CancelPairingRequest>,
+    ) -> Result<Response<pb::PairingWindow>, Status> {
+        let claim = req.into_inner().claim_id;
+        let info = self.state.edge.cancel_pairing(&claim).await?;
+        Ok(Response::new(window_to_pb(&info, None, String::new())))
+    }
+
+    async fn enroll_bundle(
+        &self,
+        req: Request<pb::EnrollBundleRequest>,
+    ) -> Result<Response<pb::EnrollBundleResponse>, Status> {
+        let req = req.into_inner();
+        let name = parse_name(&req.name)?;
+        let (role, grants) = role_and_grants(req.role, req.grants)?;
+        let registry = self.state.registry.clone();
+        let (enrolled, key_pem) =
+            blocking(move || registry.enroll_bundle(&name, role, grants)).await?;
+        Ok(Response::new(pb::EnrollBundleResponse {
+            device: Some(device_to_pb(&enrolled.device, false)),
+            key_pem,
+            cert_pem: enrolled.cert_pem,
+            ca_chain_pem: enrolled.ca_pem,
+        }))
+    }
+
+    async fn rename_device(
+        &self,
+        req: Request<pb::RenameDeviceRequest>,
+    ) -> Result<Response<pb::Device>, Status> {
+        let req = req.into_inner();
+        let id = parse_id("id", &req.id)?;
+        let name = parse_name(&req.name)?;
+        let registry = self.state.registry.clone();
+        let target = id.clone();
+        let device = blocking(move || registry.rename(&target, &name)).await?;
+        Ok(Response::new(device_to_pb(
+            &device,
+            self.state.edge.is_connected(&id),
+        )))
+    }
+
+    async fn remove_device(
+        &self,
+        req: Request<pb::RemoveDeviceRequest>,
+    ) -> Result<Response<pb::RemoveDeviceResponse>, Status> {
+        let req = req.into_inner();
+        let id = parse_id("id", &req.id)?;
+        let registry = self.state.registry.clone();
+        let lookup = id.clone();
+        blocking(move || registry.device(&lookup)).await?;
+        let (mut reset_sent, mut reset_acknowledged) = (false, false);
+        if req.reset {
+            let wait = match req.reset_timeout_seconds {
+                0 => Duration::from_secs(5),
+                n => Duration::from_secs(u64::from(n.min(300))),
+            };
+            // Listen for the acknowledgement before asking, so it cannot be missed.
+            let mut acks = self.state.edge.watch(&format!("d/{id}/ack/reset")).await?;
+            let payload =
+                Bytes::from(serde_json::json!({"reason": "removed from the hub"}).to_string());
+            let topic = format!("d/{id}/cmd/reset");
+            match self
+                .state
+                .edge
+                .publish(&topic, payload, Qos::AtLeastOnce, false)
+                .await
+            {
+                Ok(()) => {
+                    reset_sent = true;
+                    reset_acknowledged = tokio::time::timeout(wait, acks.recv())
+                        .await
+                        .is_ok_and(|m| m.is_some());
+                }
+                // An isolated device gets no commands, not even this one.
+                Err(edge::Error::Isolated(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let registry = self.state.registry.clone();
+        let target = id.clone();
+        let (_, crl) = blocking(move || registry.remove(&target)).await?;
+        self.state.edge.set_crl(crl)?;
+        let was_connected = self.state.edge.disconnect(&id).await;
+        self.refresh_isolated().await?;
+        Ok(Response::new(pb::RemoveDeviceResponse {
+            was_connected,
+            reset_sent,
+            reset_acknowledged,
+        }))
+    }
+
+    async fn isolate_device(
+        &self,
+        req: Request<pb::IsolateDeviceRequest>,
+    ) -> Result<Response<pb::Device>, Status> {
+        let req = req.into_inner();
+        let id = parse_id("id", &req.id)?;
+        let reason = req.reason.trim().to_owned();
+        if reason.is_empty() || reason.chars().count() > 200 || reason.chars().any(char::is_control)
+        {
+            return Err(Status::invalid_argument(
+                "reason: 1 to 200 characters without control characters are required",
+            ));
+        }
+        let registry = self.state.registry.clone();
+        let (target, why) = (id.clone(), reason.clone());
+        let device = blocking(move || registry.isolate(&target, &why)).await?;
+        self.refresh_isolated().await?;
+        // The notice is retained, so the device reads it whenever it reconnects.
+        let notice = serde_json::json!({"isolated": true, "reason": reason}).to_string();
+        let topic = format!("$hub/isolation/{id}");
+        self.state
+            .edge
+            .publish(&topic, Bytes::from(notice), Qos::AtLeastOnce, true)
+            .await?;
+        // Its session ends; it reconnects with the isolated profile.
+        self.state.edge.disconnect(&id).await;
+        Ok(Response::new(device_to_pb(&device, false)))
+    }
+
+    async fn release_device(
+        &self,
+        req: Request<pb::ReleaseDeviceRequest>,
+    ) -> Result<Response<pb::Device>, Status> {
+        let id = parse_id("id", &req.into_inner().id)?;
+        let registry = self.state.registry.clone();
+        let target = id.clone();
+        let device = blocking(move || registry.release(&target)).await?;
+        self.refresh_isolated().await?;
+        // An empty retained message clears the notice.
+        let topic = format!("$hub/isolation/{id}");
+        self.state
+            .edge
+            .publish(&topic, Bytes::new(), Qos::AtLeastOnce, true)
+            .await?;
+        // It reconnects with its full rights.
+        self.state.edge.disconnect(&id).await;
+        Ok(Response::new(device_to_pb(&device, false)))
+    }
+
+    async fn update_grants(
+        &self,
+        req: Request<pb::UpdateGrantsRequest>,
+    ) -> Result<Response<pb::Device>, Status> {
+        let req = req.into_inner();
+        let id = parse_id("id", &req.id)?;
+        let change = grants_from_pb(req.grants);
+        if change == Grants::default() {
+            return Err(Status::invalid_argument("grants: name at least one filter"));
+        }
+        let registry = self.state.registry.clone();
+        let target = id.clone();
+        let device = blocking(move || registry.update_grants(&target, &change, req.revoke)).await?;
+        // The new rights apply from the next session: end the current one.
+        self.state.edge.disconnect(&id).await;
+        Ok(Response::new(device_to_pb(&device, false)))
     }
 
     async fn publish(

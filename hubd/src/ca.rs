@@ -432,13 +432,15 @@ impl Ca {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<IssuedCert, Error> {
-        let csr =
-            CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes()).map_err(|e| {
-                Error::Csr {
-                    reason: format!("no PEM CERTIFICATE REQUEST found ({e})"),
-                }
-            })?;
+        let csr = csr_from_pem(csr_pem)?;
         self.issue_from_csr_der(id, &csr, not_before, not_after)
+    }
+
+    /// Checks a CSR as `issue_from_csr` would (PEM, self-signature, P-256 key)
+    /// without issuing anything: pairing checks the CSR before it spends the
+    /// one-time code.
+    pub fn check_csr(csr_pem: &str) -> Result<(), Error> {
+        verified_csr_key(&csr_from_pem(csr_pem)?).map(|_| ())
     }
 
     /// The DER core of CSR issuing, separate so tests can tamper with bytes.
@@ -859,6 +861,13 @@ fn create_root(
 
 /// Parses a DER CSR, checks that its key is ECDSA P-256 and that it signed
 /// the request, and returns that key.
+/// The DER of the first PEM `CERTIFICATE REQUEST` in `pem`.
+fn csr_from_pem(pem: &str) -> Result<CertificateSigningRequestDer<'static>, Error> {
+    CertificateSigningRequestDer::from_pem_slice(pem.as_bytes()).map_err(|e| Error::Csr {
+        reason: format!("no PEM CERTIFICATE REQUEST found ({e})"),
+    })
+}
+
 fn verified_csr_key(der: &[u8]) -> Result<P256PublicKey, Error> {
     let (rest, csr) = X509CertificationRequest::from_der(der).map_err(|e| Error::Csr {
         reason: e.to_string(),

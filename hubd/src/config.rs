@@ -27,6 +27,7 @@ pub struct Config {
     pub edge: EdgeSection,
     pub admin: AdminSection,
     pub ca: CaSection,
+    pub pairing: PairingSection,
 }
 
 /// `[hub]`: identity, state and logging.
@@ -98,6 +99,31 @@ pub struct CaSection {
     pub server_validity_days: u32,
     /// Renew the server certificate this many days before it expires.
     pub server_renew_before_days: u32,
+    /// A device certificate superseded by a renewal is revoked when the
+    /// device first connects with the new one, or after this many days.
+    pub renewal_grace_days: u32,
+}
+
+/// `[pairing]`: one-time setup codes and the pairing listener.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PairingSection {
+    /// Address the pairing listener binds while a window is open.
+    pub listen: SocketAddr,
+    /// Host name or address put in pairing URIs; empty means this machine's
+    /// host name.
+    pub advertise_host: String,
+    /// How long a pairing window stays open unless `hubctl pair --window` says.
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub window: Duration,
+    /// The longest window `hubctl pair --window` may ask for.
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub max_window: Duration,
+    /// Wrong codes that close a window.
+    pub max_failures: u32,
+    /// Attempts from one address closer together than this are refused.
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub attempt_interval: Duration,
 }
 
 // The defaults below must equal config/hubd.toml; the unit test
@@ -149,6 +175,20 @@ impl Default for CaSection {
             device_validity_days: 365,
             server_validity_days: 90,
             server_renew_before_days: 30,
+            renewal_grace_days: 7,
+        }
+    }
+}
+
+impl Default for PairingSection {
+    fn default() -> Self {
+        PairingSection {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8884)),
+            advertise_host: String::new(),
+            window: Duration::from_secs(5 * 60),
+            max_window: Duration::from_secs(60 * 60),
+            max_failures: 5,
+            attempt_interval: Duration::from_secs(1),
         }
     }
 }
@@ -355,6 +395,48 @@ impl Config {
                     "must be less than server_validity_days ({})",
                     ca.server_validity_days
                 ),
+            ));
+        }
+        check_range("ca", "renewal_grace_days", ca.renewal_grace_days, 0, 365)?;
+
+        let pairing = &self.pairing;
+        if !pairing.advertise_host.is_empty() && !valid_server_name(&pairing.advertise_host) {
+            return Err(invalid(
+                "pairing",
+                "advertise_host",
+                quoted(&pairing.advertise_host),
+                "must be a DNS name or an IP address",
+            ));
+        }
+        let windows = Duration::from_secs(10)..=Duration::from_secs(24 * 3600);
+        for (key, value) in [
+            ("window", pairing.window),
+            ("max_window", pairing.max_window),
+        ] {
+            if !windows.contains(&value) {
+                return Err(invalid(
+                    "pairing",
+                    key,
+                    quoted(&format_duration(value)),
+                    "must be between 10s and 24h",
+                ));
+            }
+        }
+        if pairing.window > pairing.max_window {
+            return Err(invalid(
+                "pairing",
+                "window",
+                quoted(&format_duration(pairing.window)),
+                "must not be longer than max_window",
+            ));
+        }
+        check_range("pairing", "max_failures", pairing.max_failures, 1, 100)?;
+        if pairing.attempt_interval > Duration::from_secs(60) {
+            return Err(invalid(
+                "pairing",
+                "attempt_interval",
+                quoted(&format_duration(pairing.attempt_interval)),
+                "must be at most 1m",
             ));
         }
         Ok(())
@@ -666,7 +748,23 @@ mod tests {
         assert_eq!(count("hub"), 2, "name, log (state_dir is commented out)");
         assert_eq!(count("edge"), 14);
         assert_eq!(count("admin"), 1, "group (socket is commented out)");
-        assert_eq!(count("ca"), 3);
+        assert_eq!(count("ca"), 4);
+        assert_eq!(count("pairing"), 6);
+    }
+
+    #[test]
+    fn pairing_settings_are_checked() {
+        let msg = error("[pairing]\nwindow = \"2h\"\n");
+        assert!(
+            msg.contains("[pairing] window") && msg.contains("max_window"),
+            "{msg}"
+        );
+        let msg = error("[pairing]\nmax_failures = 0\n");
+        assert!(msg.contains("max_failures"), "{msg}");
+        let msg = error("[pairing]\nadvertise_host = \"not a host!\"\n");
+        assert!(msg.contains("advertise_host"), "{msg}");
+        let config = parse("[pairing]\nlisten = \"127.0.0.1:0\"\nwindow = \"30s\"\n").unwrap();
+        assert_eq!(config.pairing.window, Duration::from_secs(30));
     }
 
     #[test]

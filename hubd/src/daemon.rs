@@ -11,7 +11,6 @@
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, UnixListener};
@@ -20,12 +19,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::acl::Principal;
 use crate::api::{self, ApiState};
 use crate::ca::{self, Ca};
 use crate::config::{self, Config};
-use crate::edge::{self, EdgeHandle, SessionGate, TlsMaterial};
-use crate::model::DeviceId;
+use crate::edge::{self, EdgeHandle, TlsMaterial};
 use crate::registry::{self, RegistryHandle};
 use crate::store::{self, Store};
 use crate::systemd;
@@ -108,23 +105,6 @@ fn prepare_state_dir(path: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// The registry as the edge's session gate.
-struct Gate(RegistryHandle);
-
-impl SessionGate for Gate {
-    fn admit(&self, id: &DeviceId, cert_serial: &str) -> Result<Principal, String> {
-        self.0.admit(id, cert_serial)
-    }
-
-    fn session_started(&self, id: &DeviceId) {
-        self.0.touch(id);
-    }
-
-    fn session_ended(&self, id: &DeviceId) {
-        self.0.touch(id);
-    }
-}
-
 /// Runs the hub until `shutdown` is cancelled (Ok) or a subsystem fails (Err).
 ///
 /// `config.hub.state_dir` must be set (the caller resolves it, see
@@ -166,15 +146,15 @@ pub async fn run(
 
     let edge_stop = CancellationToken::new();
     let edge_tasks = TaskTracker::new();
-    let edge = edge::start(
-        config.edge.clone(),
+    let setup = edge::Setup {
+        cfg: config.edge.clone(),
         material,
-        listeners.mqtt,
-        Arc::new(Gate(registry.clone())),
-        &edge_tasks,
-        edge_stop.clone(),
-    )
-    .await?;
+        listener: listeners.mqtt,
+        registry: registry.clone(),
+        isolated: registry.isolated()?,
+        pairing_cfg: config.pairing.clone(),
+    };
+    let edge = edge::start(setup, &edge_tasks, edge_stop.clone()).await?;
 
     let api_stop = CancellationToken::new();
     let api_tasks = TaskTracker::new();
@@ -210,6 +190,12 @@ pub async fn run(
         failed_tx.clone(),
     ));
     aux_tasks.spawn(flush_store(registry.clone(), aux_stop.clone()));
+    aux_tasks.spawn(retire_superseded(
+        registry.clone(),
+        edge.clone(),
+        i64::from(config.ca.renewal_grace_days) * 86_400,
+        aux_stop.clone(),
+    ));
     drop(failed_tx);
 
     let status = format!(
@@ -254,6 +240,34 @@ pub async fn run(
     drop(registry);
     info!("stopped");
     outcome
+}
+
+/// Hourly: revokes device certificates replaced by a renewal more than the
+/// grace period ago, for devices that never came back with the new one.
+async fn retire_superseded(
+    registry: RegistryHandle,
+    edge: EdgeHandle,
+    grace: i64,
+    stop: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(RENEW_CHECK);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let r = registry.clone();
+        match tokio::task::spawn_blocking(move || r.retire_superseded(grace)).await {
+            Ok(Ok(Some(crl))) => {
+                if let Err(e) = edge.set_crl(crl) {
+                    error!(error = %e, "cannot install the CRL retiring superseded certificates");
+                }
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => warn!(error = %e, "retiring superseded certificates failed"),
+            Err(_) => warn!("retiring superseded certificates panicked"),
+        }
+    }
 }
 
 async fn flush_store(registry: RegistryHandle, stop: CancellationToken) {

@@ -12,7 +12,7 @@
 //!    the current `rustls::ServerConfig` from an `ArcSwap` (swapped live when the
 //!    CRL changes).
 //! 3. The device id comes from the verified certificate; the MQTT client id must
-//!    equal it (empty: assigned). The [`SessionGate`] decides the principal.
+//!    equal it (empty: assigned). The registry decides the principal.
 //! 4. The CONNECT's protocol level picks rumqttd's v4 or v5 codec, so MQTT 3.1.1
 //!    and 5 share the port. Every PUBLISH and SUBSCRIBE passes `acl` before it
 //!    reaches the router through a local link, one per connection.
@@ -23,7 +23,7 @@
 //! are never dropped here, because the router already paces them with its
 //! inflight window of 100 unacknowledged messages per connection.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -53,9 +53,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::acl::{self, Principal, TopicLimits};
+
+mod pairing_listener;
 use crate::ca::{self, ServerIdentity};
 use crate::config::EdgeSection;
+use crate::config::PairingSection;
 use crate::model::{DeviceId, Qos};
+use crate::registry::RegistryHandle;
+pub use pairing_listener::OpenedWindow;
 
 /// Client id of the hub's own router link. `_` cannot appear in a device id,
 /// so it can never collide with one.
@@ -119,23 +124,15 @@ pub enum Error {
     Join(#[from] tokio::task::JoinError),
     #[error("mqtt listener: {0}")]
     Listener(std::io::Error),
+    #[error("device {0} is isolated: commands to it are not sent")]
+    Isolated(String),
+    #[error("pairing: {0}")]
+    Pairing(String),
     #[error("topic {topic:?}: {source}")]
     Topic {
         topic: String,
         source: acl::TopicError,
     },
-}
-
-/// What the edge asks of the device registry; implemented by the daemon so the
-/// edge does not depend on how devices are stored.
-pub trait SessionGate: Send + Sync + 'static {
-    /// The rights of a device whose certificate verified, or why it is refused
-    /// (unknown, revoked, ...).
-    fn admit(&self, id: &DeviceId, cert_serial: &str) -> Result<Principal, String>;
-    /// A session started (CONNACK sent).
-    fn session_started(&self, id: &DeviceId);
-    /// A session ended, for whatever reason.
-    fn session_ended(&self, id: &DeviceId);
 }
 
 /// Message and connection counters, reported by `Status`.
@@ -262,8 +259,18 @@ struct Shared {
     counters: Counters,
     /// Makes a router link for a new session.
     links: LinkFactory,
-    /// Decides who may hold a session.
-    gate: Arc<dyn SessionGate>,
+    /// Decides who may hold a session; enrols and renews.
+    registry: RegistryHandle,
+    /// Devices cut off from commands, for the ACL; swapped whole on change.
+    isolated: ArcSwap<HashSet<DeviceId>>,
+    /// Open pairing windows and the pairing listener, if bound.
+    pairing: tokio::sync::Mutex<pairing_listener::PairingState>,
+    /// Wakes the pairing janitor when windows change.
+    pairing_changed: tokio::sync::Notify,
+    /// `[pairing]` settings.
+    pairing_cfg: PairingSection,
+    /// Tasks of the edge (sessions, pairing), for shutdown.
+    tracker: TaskTracker,
     /// The hub's own link, for commands and notices the hub publishes.
     hub_tx: tokio::sync::Mutex<LinkTx>,
     /// The bound MQTT address.
@@ -316,6 +323,11 @@ impl EdgeHandle {
 
     pub fn is_connected(&self, id: &DeviceId) -> bool {
         lock(&self.shared.sessions).contains_key(id)
+    }
+
+    /// Replaces the set of isolated devices the ACL consults.
+    pub fn set_isolated(&self, isolated: HashSet<DeviceId>) {
+        self.shared.isolated.store(Arc::new(isolated));
     }
 
     /// Installs a new CRL for every handshake from now on (no restart).
@@ -374,6 +386,12 @@ impl EdgeHandle {
             topic: topic.to_owned(),
             source,
         })?;
+        if let Some(target) = acl::command_target(topic)
+            && self.shared.isolated.load().contains(target)
+        {
+            warn!(target: "security", device = target, %topic, "command to an isolated device not sent");
+            return Err(Error::Isolated(target.to_owned()));
+        }
         let topic = Bytes::from(escape_dollar(topic));
         let publish = match qos {
             Qos::AtMostOnce => Publish::new(topic, payload, retain),
@@ -508,16 +526,37 @@ fn router_config(cfg: &EdgeSection) -> RouterConfig {
     }
 }
 
+/// What the edge is started with.
+pub struct Setup {
+    /// `[edge]` settings.
+    pub cfg: EdgeSection,
+    /// CA, server certificate and CRL for the TLS configuration.
+    pub material: TlsMaterial,
+    /// The bound MQTT listener.
+    pub listener: TcpListener,
+    /// Who may connect, enrolment and renewal.
+    pub registry: RegistryHandle,
+    /// Devices isolated at start.
+    pub isolated: HashSet<DeviceId>,
+    /// `[pairing]` settings.
+    pub pairing_cfg: PairingSection,
+}
+
 /// Starts the rumqttd router and the edge's accept loop on `listener`. The
 /// accept loop and every connection task run on `tracker` until `shutdown`.
 pub async fn start(
-    cfg: EdgeSection,
-    material: TlsMaterial,
-    listener: TcpListener,
-    gate: Arc<dyn SessionGate>,
+    setup: Setup,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<EdgeHandle, Error> {
+    let Setup {
+        cfg,
+        material,
+        listener,
+        registry,
+        isolated,
+        pairing_cfg,
+    } = setup;
     let local_addr = listener.local_addr().map_err(Error::Listener)?;
     let tls = material.build()?;
     let router_tx = Router::new(0, router_config(&cfg)).spawn();
@@ -557,7 +596,12 @@ pub async fn start(
         next_session: AtomicU64::new(1),
         counters: Counters::default(),
         links,
-        gate,
+        registry,
+        isolated: ArcSwap::from_pointee(isolated),
+        pairing: tokio::sync::Mutex::new(pairing_listener::PairingState::new(&pairing_cfg)),
+        pairing_changed: tokio::sync::Notify::new(),
+        pairing_cfg,
+        tracker: tracker.clone(),
         hub_tx: tokio::sync::Mutex::new(hub_tx),
         local_addr,
         next_watch: AtomicU64::new(1),
@@ -1003,8 +1047,27 @@ impl Conn {
                 DisconnectReasonCode::TopicNameInvalid,
             ));
         }
-        if acl::check_publish(&self.principal, topic) {
+        let isolated = self.shared.isolated.load();
+        if acl::check_publish(&self.principal, topic, &|id| isolated.contains(id)) {
             bump(&self.shared.counters.publishes_received);
+            if let Principal::Device(id) = &self.principal
+                && topic
+                    .strip_prefix("d/")
+                    .and_then(|t| t.strip_prefix(id.as_str()))
+                    == Some("/cert/csr")
+            {
+                // A renewal request: answered by the hub, never routed.
+                self.renew(&publish.payload);
+                if qos == 1 {
+                    let pkid = publish_pkid(&publish);
+                    let ack = PubAck {
+                        pkid,
+                        reason: PubAckReason::Success,
+                    };
+                    self.send(Packet::PubAck(ack, None)).await?;
+                }
+                return Ok(());
+            }
             let mut publish = publish;
             publish.topic = escape_dollar_bytes(publish.topic);
             to_router.push(Packet::Publish(publish, props));
@@ -1085,6 +1148,44 @@ impl Conn {
         subscribe.filters = allowed;
         to_router.push(Packet::Subscribe(subscribe, props));
         Ok(())
+    }
+
+    /// Issues a renewed certificate for this device from the CSR in `payload`
+    /// and publishes the answer on `d/<id>/cert/new`, in the background.
+    fn renew(&self, payload: &Bytes) {
+        let handle = EdgeHandle {
+            shared: self.shared.clone(),
+        };
+        let id = self.id.clone();
+        let csr = String::from_utf8(payload.to_vec());
+        tokio::spawn(async move {
+            let registry = handle.shared.registry.clone();
+            let answer = match csr {
+                Err(_) => serde_json::json!({"error": "the CSR is not UTF-8 PEM"}),
+                Ok(csr) => {
+                    let target = id.clone();
+                    match tokio::task::spawn_blocking(move || registry.renew(&target, &csr)).await {
+                        Ok(Ok(renewed)) => serde_json::json!({
+                            "cert": renewed.cert_pem,
+                            "ca": renewed.ca_pem,
+                        }),
+                        Ok(Err(e)) => {
+                            warn!(device = %id, error = %e, "certificate renewal refused");
+                            serde_json::json!({"error": e.to_string()})
+                        }
+                        Err(_) => serde_json::json!({"error": "renewal failed inside the hub"}),
+                    }
+                }
+            };
+            let topic = format!("d/{id}/cert/new");
+            let payload = Bytes::from(answer.to_string());
+            if let Err(e) = handle
+                .publish(&topic, payload, Qos::AtLeastOnce, false)
+                .await
+            {
+                warn!(device = %id, error = %e, "cannot publish the renewal answer");
+            }
+        });
     }
 
     /// Fills the refused filters' codes into the router's SUBACK.
@@ -1225,7 +1326,7 @@ async fn refuse(
 /// Decides whether a CONNECT may open a session and as whom, or which
 /// CONNACK code refuses it and why.
 fn admit_connect(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     id: &DeviceId,
     serial: &str,
     client_id: &str,
@@ -1238,13 +1339,26 @@ fn admit_connect(
             format!("client id {client_id:?} does not match certificate device id {id}"),
         ));
     }
-    let principal = shared
-        .gate
+    let admission = shared
+        .registry
         .admit(id, serial)
         .map_err(|why| (ConnectReturnCode::NotAuthorized, why))?;
+    if let Some(crl) = admission.new_crl {
+        // The device connected with its renewed certificate: the old ones are
+        // revoked now, and every handshake from here on must know it.
+        if let Err(e) = (EdgeHandle {
+            shared: shared.clone(),
+        })
+        .set_crl(crl)
+        {
+            warn!(device = %id, error = %e, "cannot install the CRL retiring old certificates");
+        }
+    }
+    let principal = admission.principal;
     if let Some(w) = will {
         let allowed = std::str::from_utf8(&w.topic).is_ok_and(|t| {
-            acl::validate_topic(t, limits(&shared.cfg)).is_ok() && acl::check_publish(&principal, t)
+            acl::validate_topic(t, limits(&shared.cfg)).is_ok()
+                && acl::check_publish(&principal, t, &|_| false)
         });
         if !allowed {
             return Err((
@@ -1440,7 +1554,7 @@ async fn session(
     let end = match conn.send(connack).await {
         Err(end) => end,
         Ok(()) => {
-            shared.gate.session_started(&id);
+            shared.registry.touch(&id);
             info!(%peer, device = %id, v5 = conn.codec.is_v5(), "device connected");
             run_session(&mut conn, rd, buf, keep_alive, &kick, &shutdown).await
         }
@@ -1489,7 +1603,7 @@ async fn session(
     drop(conn);
     let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
     forget_session(&shared, &id, number);
-    shared.gate.session_ended(&id);
+    shared.registry.touch(&id);
     info!(%peer, device = %id, reason = ?end, "device disconnected");
 }
 

@@ -11,7 +11,8 @@ pub mod model;
 // Layer 1: persistence and the CA.
 pub mod ca;
 pub mod store;
-// Layer 2: devices.
+// Layer 2: devices, and the pure pairing-window state machine.
+pub mod pairing;
 pub mod registry;
 // Layer 3: the network edge.
 pub mod edge;

@@ -68,6 +68,14 @@ impl DeviceId {
     }
 }
 
+/// Lets sets of ids be searched by `&str` (a topic level, say): a `DeviceId`
+/// hashes and compares exactly as its string.
+impl std::borrow::Borrow<str> for DeviceId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for DeviceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -92,6 +100,23 @@ pub fn base32_lower(bytes: &[u8]) -> String {
         out.push(ALPHABET[((acc << (5 - bits)) & 31) as usize] as char);
     }
     out
+}
+
+/// What kind of client a certificate belongs to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Role {
+    /// A device: its own `d/<id>/` topics only.
+    #[default]
+    Device,
+    /// Home Assistant, Node-RED and the like: the topic filters granted to it.
+    Integration,
+}
+
+/// MQTT topic filters an integration may publish to and subscribe to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Grants {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
 }
 
 /// MQTT quality of service as the hub offers it: QoS 2 is not supported.

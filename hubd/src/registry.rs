@@ -1,20 +1,23 @@
-//! The device registry: enrolment, revocation and who may hold a session.
+//! The device registry: enrolment, renewal, revocation, removal, isolation,
+//! integration grants, and who may hold a session.
 //!
 //! It owns the CA and the store together, because every change here touches
 //! both: enrolling issues a certificate and records it in one durable
 //! transaction; revoking marks the device and its certificates and re-signs
-//! the CRL. The edge asks it (through [`crate::edge::SessionGate`], wired in
-//! `daemon`) whether a verified certificate's device may connect.
+//! the CRL. The edge asks it whether a verified certificate's device may
+//! connect, and as what.
 
 use std::sync::{Arc, Mutex};
 
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
-use crate::acl::Principal;
+use std::collections::HashSet;
+
+use crate::acl::{self, Principal, TopicLimits};
 use crate::ca::{self, Ca, RevokedSerial, ServerIdentity};
 use crate::config::CaSection;
-use crate::model::{DeviceId, DeviceName};
+use crate::model::{DeviceId, DeviceName, Grants, Role};
 use crate::store::{self, CertRecord, DeviceRecord, DeviceState, Store};
 
 /// Errors from registry operations; `api` maps each to a gRPC status.
@@ -22,6 +25,14 @@ use crate::store::{self, CertRecord, DeviceRecord, DeviceState, Store};
 pub enum Error {
     #[error("no such device {0}")]
     NotFound(DeviceId),
+    #[error("device {0} is revoked")]
+    Revoked(DeviceId),
+    #[error("device {0} is not an integration: only integrations have grants")]
+    NotIntegration(DeviceId),
+    #[error("grants: {0}")]
+    BadGrant(String),
+    #[error("key: {0}")]
+    KeyGen(String),
     #[error("csr: {0}")]
     BadCsr(ca::Error),
     #[error("ca: {0}")]
@@ -36,6 +47,36 @@ pub struct Enrolled {
     pub device: DeviceRecord,
     pub cert_pem: String,
     pub ca_pem: String,
+}
+
+/// What a verified certificate may do, and whether its use changed the CRL.
+#[derive(Debug)]
+pub struct Admission {
+    pub principal: Principal,
+    /// A new CRL when this connection was the first with a renewed
+    /// certificate, which retires the device's older ones.
+    pub new_crl: Option<Vec<u8>>,
+}
+
+/// Topic limits for grant filters (the edge's defaults would do; grants are
+/// checked for syntax only).
+const GRANT_LIMITS: TopicLimits = TopicLimits {
+    max_len: 1024,
+    max_depth: 64,
+};
+
+/// Checks grant filters' syntax, naming the bad one.
+pub fn validate_grants(grants: &Grants) -> Result<(), Error> {
+    for (kind, filters) in [
+        ("publish", &grants.publish),
+        ("subscribe", &grants.subscribe),
+    ] {
+        for f in filters {
+            acl::validate_filter(f, GRANT_LIMITS)
+                .map_err(|e| Error::BadGrant(format!("{kind} filter {f:?}: {e}")))?;
+        }
+    }
+    Ok(())
 }
 
 /// Cloneable handle on the registry.
@@ -128,7 +169,17 @@ impl RegistryHandle {
 
     /// Issues a certificate for a new device from its CSR and records both in
     /// one durable transaction. Nothing is stored if anything fails.
-    pub fn enroll(&self, name: &DeviceName, csr_pem: &str) -> Result<Enrolled, Error> {
+    pub fn enroll(
+        &self,
+        name: &DeviceName,
+        csr_pem: &str,
+        role: Role,
+        grants: Grants,
+    ) -> Result<Enrolled, Error> {
+        if role == Role::Device && grants != Grants::default() {
+            return Err(Error::BadGrant("only integrations have grants".into()));
+        }
+        validate_grants(&grants)?;
         let id = DeviceId::generate();
         let issued = self
             .ca()
@@ -143,6 +194,9 @@ impl RegistryHandle {
             last_seen: 0,
             cert_serial: issued.serial_hex.clone(),
             cert_not_after: issued.not_after.unix_timestamp(),
+            role,
+            isolation_reason: None,
+            grants,
         };
         let cert = CertRecord {
             serial_hex: issued.serial_hex.clone(),
@@ -152,12 +206,36 @@ impl RegistryHandle {
             revoked_at: None,
         };
         self.inner.store.enroll(&device, &cert)?;
-        info!(device = %id, serial = %issued.serial_hex, "device enrolled");
+        info!(device = %id, serial = %issued.serial_hex, ?role, "device enrolled");
         Ok(Enrolled {
             device,
             cert_pem: issued.pem,
             ca_pem: self.inner.ca_pem.clone(),
         })
+    }
+
+    /// Enrols a device that cannot make its own key: the hub makes a P-256
+    /// key, enrols it like any CSR, and returns the key PEM with the rest.
+    pub fn enroll_bundle(
+        &self,
+        name: &DeviceName,
+        role: Role,
+        grants: Grants,
+    ) -> Result<(Enrolled, String), Error> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| Error::KeyGen(e.to_string()))?;
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .and_then(|p| p.serialize_request(&key))
+            .and_then(|r| r.pem())
+            .map_err(|e| Error::KeyGen(e.to_string()))?;
+        let enrolled = self.enroll(name, &csr, role, grants)?;
+        warn!(target: "security", device = %enrolled.device.id, "offline bundle: the device's key was made by the hub");
+        Ok((enrolled, key.serialize_pem()))
+    }
+
+    /// Checks a CSR without issuing anything.
+    pub fn check_csr(&self, csr_pem: &str) -> Result<(), Error> {
+        Ca::check_csr(csr_pem).map_err(Error::BadCsr)
     }
 
     pub fn device(&self, id: &DeviceId) -> Result<DeviceRecord, Error> {
@@ -203,8 +281,10 @@ impl RegistryHandle {
         Ok(self.ca().crl_der(&revoked, number)?)
     }
 
-    /// The principal for a device whose certificate verified, or why not.
-    pub fn admit(&self, id: &DeviceId, cert_serial: &str) -> Result<Principal, String> {
+    /// What a device whose certificate verified may do, or why it may not.
+    /// The first connection with a renewed certificate retires the device's
+    /// older certificates (the caller installs the new CRL).
+    pub fn admit(&self, id: &DeviceId, cert_serial: &str) -> Result<Admission, String> {
         let device = match self.inner.store.device(id) {
             Ok(Some(d)) => d,
             Ok(None) => return Err(format!("device {id} is not registered")),
@@ -224,10 +304,185 @@ impl RegistryHandle {
             }
             Err(e) => return Err(format!("registry unavailable: {e}")),
         }
-        match device.state {
-            DeviceState::Active => Ok(Principal::Device(id.clone())),
-            DeviceState::Revoked => Err(format!("device {id} is revoked")),
+        let principal = match device.state {
+            DeviceState::Revoked => return Err(format!("device {id} is revoked")),
+            DeviceState::Isolated => Principal::Isolated(id.clone()),
+            DeviceState::Active => match device.role {
+                Role::Device => Principal::Device(id.clone()),
+                Role::Integration => Principal::Integration(id.clone(), device.grants.clone()),
+            },
+        };
+        let mut new_crl = None;
+        if cert_serial == device.cert_serial {
+            match self.inner.store.revoke_certs_except(id, cert_serial, now()) {
+                Ok(0) => {}
+                Ok(n) => {
+                    info!(device = %id, retired = n, "renewed certificate in use: older ones revoked");
+                    new_crl = Some(
+                        self.crl()
+                            .map_err(|e| format!("cannot re-sign the CRL: {e}"))?,
+                    );
+                }
+                Err(e) => return Err(format!("registry unavailable: {e}")),
+            }
         }
+        Ok(Admission { principal, new_crl })
+    }
+
+    /// Issues a renewed certificate for a connected device (same id, name,
+    /// rules) and makes it current. The old one stays valid until the new one
+    /// is used or [`RegistryHandle::retire_superseded`] runs.
+    pub fn renew(&self, id: &DeviceId, csr_pem: &str) -> Result<Enrolled, Error> {
+        let device = self.device(id)?;
+        if device.state == DeviceState::Revoked {
+            return Err(Error::Revoked(id.clone()));
+        }
+        let issued = self
+            .ca()
+            .issue_from_csr(id, csr_pem, self.inner.ca_cfg.device_validity_days)
+            .map_err(Error::BadCsr)?;
+        let cert = CertRecord {
+            serial_hex: issued.serial_hex.clone(),
+            device: id.clone(),
+            issued_at: now(),
+            not_after: issued.not_after.unix_timestamp(),
+            revoked_at: None,
+        };
+        let device = self
+            .inner
+            .store
+            .add_cert(&cert)?
+            .ok_or_else(|| Error::NotFound(id.clone()))?;
+        info!(device = %id, serial = %issued.serial_hex, "certificate renewed");
+        Ok(Enrolled {
+            device,
+            cert_pem: issued.pem,
+            ca_pem: self.inner.ca_pem.clone(),
+        })
+    }
+
+    /// Revokes certificates superseded by a renewal more than `grace` seconds
+    /// ago, for devices that never reconnected with the new one. Returns the
+    /// new CRL if anything was revoked.
+    pub fn retire_superseded(&self, grace: i64) -> Result<Option<Vec<u8>>, Error> {
+        let cutoff = now() - grace;
+        let mut changed = 0;
+        for device in self.inner.store.devices()? {
+            let certs = self.inner.store.certs_of(&device.id)?;
+            let current_issued = certs
+                .iter()
+                .find(|c| c.serial_hex == device.cert_serial)
+                .map(|c| c.issued_at);
+            let stale = certs
+                .iter()
+                .any(|c| c.revoked_at.is_none() && c.serial_hex != device.cert_serial);
+            if stale && current_issued.is_some_and(|at| at < cutoff) {
+                changed +=
+                    self.inner
+                        .store
+                        .revoke_certs_except(&device.id, &device.cert_serial, now())?;
+            }
+        }
+        if changed == 0 {
+            return Ok(None);
+        }
+        Ok(Some(self.crl()?))
+    }
+
+    pub fn rename(&self, id: &DeviceId, name: &DeviceName) -> Result<DeviceRecord, Error> {
+        self.update(id, |d| d.name = name.as_str().to_owned())
+    }
+
+    /// Isolates the device (persisted); the caller applies it live.
+    pub fn isolate(&self, id: &DeviceId, reason: &str) -> Result<DeviceRecord, Error> {
+        self.refuse_revoked(id)?;
+        let device = self.update(id, |d| {
+            d.state = DeviceState::Isolated;
+            d.isolation_reason = Some(reason.to_owned());
+        })?;
+        info!(target: "security", device = %id, %reason, "device isolated");
+        Ok(device)
+    }
+
+    pub fn release(&self, id: &DeviceId) -> Result<DeviceRecord, Error> {
+        self.refuse_revoked(id)?;
+        let device = self.update(id, |d| {
+            d.state = DeviceState::Active;
+            d.isolation_reason = None;
+        })?;
+        info!(target: "security", device = %id, "device released from isolation");
+        Ok(device)
+    }
+
+    /// Adds (or with `revoke`, removes) grant filters of an integration.
+    pub fn update_grants(
+        &self,
+        id: &DeviceId,
+        change: &Grants,
+        revoke: bool,
+    ) -> Result<DeviceRecord, Error> {
+        validate_grants(change)?;
+        if self.device(id)?.role != Role::Integration {
+            return Err(Error::NotIntegration(id.clone()));
+        }
+        self.update(id, |d| {
+            for (have, delta) in [
+                (&mut d.grants.publish, &change.publish),
+                (&mut d.grants.subscribe, &change.subscribe),
+            ] {
+                if revoke {
+                    have.retain(|f| !delta.contains(f));
+                } else {
+                    for f in delta {
+                        if !have.contains(f) {
+                            have.push(f.clone());
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    /// Revokes all the device's certificates and deletes its record; returns
+    /// the removed record and the CRL that now lists its certificates.
+    pub fn remove(&self, id: &DeviceId) -> Result<(DeviceRecord, Vec<u8>), Error> {
+        let removed = self
+            .inner
+            .store
+            .remove_device(id, now())?
+            .ok_or_else(|| Error::NotFound(id.clone()))?;
+        info!(target: "security", device = %id, "device removed");
+        Ok((removed, self.crl()?))
+    }
+
+    /// Ids of the devices isolated now.
+    pub fn isolated(&self) -> Result<HashSet<DeviceId>, Error> {
+        Ok(self
+            .inner
+            .store
+            .devices()?
+            .into_iter()
+            .filter(|d| d.state == DeviceState::Isolated)
+            .map(|d| d.id)
+            .collect())
+    }
+
+    fn refuse_revoked(&self, id: &DeviceId) -> Result<(), Error> {
+        match self.device(id)?.state {
+            DeviceState::Revoked => Err(Error::Revoked(id.clone())),
+            DeviceState::Active | DeviceState::Isolated => Ok(()),
+        }
+    }
+
+    fn update(
+        &self,
+        id: &DeviceId,
+        change: impl FnOnce(&mut DeviceRecord),
+    ) -> Result<DeviceRecord, Error> {
+        self.inner
+            .store
+            .update_device(id, change)?
+            .ok_or_else(|| Error::NotFound(id.clone()))
     }
 
     /// Records that the device was seen now. Failures are logged, not fatal:

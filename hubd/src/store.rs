@@ -26,7 +26,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::model::DeviceId;
+use crate::model::{DeviceId, Grants, Role};
 
 /// The layout version this hubd writes. A store with a greater version was
 /// written by a newer hubd and is refused rather than misread.
@@ -48,10 +48,12 @@ const META_CRL_NUMBER: &str = "crl_number";
 /// Raspberry Pi has in all; the hub's working set is a few megabytes.
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
-/// Whether a device may still connect.
+/// Whether a device may still connect, and with what rights.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceState {
     Active,
+    /// Cut off from commands (the reason is in `isolation_reason`).
+    Isolated,
     Revoked,
 }
 
@@ -69,6 +71,15 @@ pub struct DeviceRecord {
     /// Serial (lowercase hex) of the device's current certificate.
     pub cert_serial: String,
     pub cert_not_after: i64,
+    /// Device or integration. Records from before roles existed are devices.
+    #[serde(default)]
+    pub role: Role,
+    /// Why the device is isolated; `Some` exactly when `state` is `Isolated`.
+    #[serde(default)]
+    pub isolation_reason: Option<String>,
+    /// Topic rights of an integration; empty for devices.
+    #[serde(default)]
+    pub grants: Grants,
 }
 
 /// A certificate the hub's CA issued to a device. Times are Unix seconds.
@@ -360,6 +371,139 @@ impl Store {
         Ok(Some(updated))
     }
 
+    /// Applies `change` to the device's record in one durable transaction.
+    /// Returns the updated record, or `None` if the id is unknown.
+    pub fn update_device(
+        &self,
+        id: &DeviceId,
+        change: impl FnOnce(&mut DeviceRecord),
+    ) -> Result<Option<DeviceRecord>, Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_write().ctx(path)?;
+        let updated = {
+            let mut devices = txn.open_table(DEVICES).ctx(path)?;
+            let mut device = match devices.get(id.as_str()).ctx(path)? {
+                Some(bytes) => self.decode_device(id.as_str(), bytes.value())?,
+                None => return Ok(None),
+            };
+            change(&mut device);
+            let bytes = self.encode("devices", id.as_str(), &device)?;
+            devices.insert(id.as_str(), bytes.as_slice()).ctx(path)?;
+            device
+        };
+        txn.commit().ctx(path)?;
+        Ok(Some(updated))
+    }
+
+    /// Records a renewed certificate for an existing device and makes it the
+    /// device's current one, in one durable transaction. Older certificates
+    /// stay valid until [`Store::revoke_certs_except`] retires them.
+    pub fn add_cert(&self, cert: &CertRecord) -> Result<Option<DeviceRecord>, Error> {
+        let path = &*self.path;
+        let id = cert.device.as_str();
+        let cert_bytes = self.encode("certs", &cert.serial_hex, cert)?;
+        let txn = self.db.begin_write().ctx(path)?;
+        let updated = {
+            let mut devices = txn.open_table(DEVICES).ctx(path)?;
+            let mut certs = txn.open_table(CERTS).ctx(path)?;
+            let mut device = match devices.get(id).ctx(path)? {
+                Some(bytes) => self.decode_device(id, bytes.value())?,
+                None => return Ok(None),
+            };
+            if certs.get(cert.serial_hex.as_str()).ctx(path)?.is_some() {
+                return Err(self.exists("certs", &cert.serial_hex));
+            }
+            device.cert_serial = cert.serial_hex.clone();
+            device.cert_not_after = cert.not_after;
+            let device_bytes = self.encode("devices", id, &device)?;
+            devices.insert(id, device_bytes.as_slice()).ctx(path)?;
+            certs
+                .insert(cert.serial_hex.as_str(), cert_bytes.as_slice())
+                .ctx(path)?;
+            device
+        };
+        txn.commit().ctx(path)?;
+        Ok(Some(updated))
+    }
+
+    /// Every certificate issued to the device, revoked or not.
+    pub fn certs_of(&self, id: &DeviceId) -> Result<Vec<CertRecord>, Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_read().ctx(path)?;
+        let certs = txn.open_table(CERTS).ctx(path)?;
+        let mut out = Vec::new();
+        for entry in certs.iter().ctx(path)? {
+            let (key, value) = entry.ctx(path)?;
+            let cert = self.decode_cert(key.value(), value.value())?;
+            if cert.device == *id {
+                out.push(cert);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Revokes every unrevoked certificate of the device except `keep`, in one
+    /// durable transaction; returns how many it revoked.
+    pub fn revoke_certs_except(&self, id: &DeviceId, keep: &str, at: i64) -> Result<usize, Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_write().ctx(path)?;
+        let count = {
+            let mut certs = txn.open_table(CERTS).ctx(path)?;
+            let mut to_revoke = Vec::new();
+            for entry in certs.iter().ctx(path)? {
+                let (key, value) = entry.ctx(path)?;
+                let cert = self.decode_cert(key.value(), value.value())?;
+                if cert.device == *id && cert.revoked_at.is_none() && cert.serial_hex != keep {
+                    to_revoke.push(cert);
+                }
+            }
+            for cert in &mut to_revoke {
+                cert.revoked_at = Some(at);
+                let bytes = self.encode("certs", &cert.serial_hex, &*cert)?;
+                certs
+                    .insert(cert.serial_hex.as_str(), bytes.as_slice())
+                    .ctx(path)?;
+            }
+            to_revoke.len()
+        };
+        txn.commit().ctx(path)?;
+        Ok(count)
+    }
+
+    /// Deletes the device's record and revokes all its certificates (which
+    /// stay in `certs`, revoked, so the CRL keeps listing them), in one
+    /// durable transaction. Returns the removed record, or `None`.
+    pub fn remove_device(&self, id: &DeviceId, at: i64) -> Result<Option<DeviceRecord>, Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_write().ctx(path)?;
+        let removed = {
+            let mut devices = txn.open_table(DEVICES).ctx(path)?;
+            let mut certs = txn.open_table(CERTS).ctx(path)?;
+            let device = match devices.remove(id.as_str()).ctx(path)? {
+                Some(bytes) => self.decode_device(id.as_str(), bytes.value())?,
+                None => return Ok(None),
+            };
+            let mut to_revoke = Vec::new();
+            for entry in certs.iter().ctx(path)? {
+                let (key, value) = entry.ctx(path)?;
+                let cert = self.decode_cert(key.value(), value.value())?;
+                if cert.device == *id && cert.revoked_at.is_none() {
+                    to_revoke.push(cert);
+                }
+            }
+            for cert in &mut to_revoke {
+                cert.revoked_at = Some(at);
+                let bytes = self.encode("certs", &cert.serial_hex, &*cert)?;
+                certs
+                    .insert(cert.serial_hex.as_str(), bytes.as_slice())
+                    .ctx(path)?;
+            }
+            device
+        };
+        txn.commit().ctx(path)?;
+        Ok(Some(removed))
+    }
+
     /// Every revoked certificate: the content of the next CRL.
     pub fn revoked_certs(&self) -> Result<Vec<CertRecord>, Error> {
         let path = &*self.path;
@@ -587,6 +731,9 @@ mod tests {
             last_seen: 1_700_000_000,
             cert_serial: serial.to_owned(),
             cert_not_after: 1_800_000_000,
+            role: Role::Device,
+            isolation_reason: None,
+            grants: Grants::default(),
         };
         let cert = CertRecord {
             serial_hex: serial.to_owned(),
@@ -846,5 +993,73 @@ mod tests {
     fn device_ids_are_revalidated_on_read() {
         let json = br#"{"id":"Bad/Id","name":"x","state":"Active","created_at":0,"last_seen":0,"cert_serial":"01","cert_not_after":0}"#;
         assert!(serde_json::from_slice::<DeviceRecord>(json).is_err());
+    }
+
+    #[test]
+    fn renewal_removal_and_updates_are_durable_and_consistent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.redb");
+        let store = Store::open(&path).unwrap();
+        let (dev, cert) = device("a", "01");
+        store.enroll(&dev, &cert).unwrap();
+
+        // A renewal adds a certificate and makes it current; the old stays valid.
+        let renewed = CertRecord {
+            serial_hex: "02".into(),
+            issued_at: 1_700_000_100,
+            ..cert.clone()
+        };
+        let updated = store.add_cert(&renewed).unwrap().unwrap();
+        assert_eq!(updated.cert_serial, "02");
+        assert!(store.cert("01").unwrap().unwrap().revoked_at.is_none());
+        assert!(matches!(
+            store.add_cert(&renewed),
+            Err(Error::Exists { .. })
+        ));
+        assert_eq!(store.certs_of(&dev.id).unwrap().len(), 2);
+
+        // Using the new one retires the old.
+        assert_eq!(store.revoke_certs_except(&dev.id, "02", 5).unwrap(), 1);
+        assert_eq!(store.cert("01").unwrap().unwrap().revoked_at, Some(5));
+        assert_eq!(store.revoke_certs_except(&dev.id, "02", 6).unwrap(), 0);
+
+        let isolated = store
+            .update_device(&dev.id, |d| {
+                d.state = DeviceState::Isolated;
+                d.isolation_reason = Some("end of life".into());
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(isolated.state, DeviceState::Isolated);
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store
+                .device(&dev.id)
+                .unwrap()
+                .unwrap()
+                .isolation_reason
+                .as_deref(),
+            Some("end of life")
+        );
+
+        // Removal deletes the record and revokes what is left.
+        let removed = store.remove_device(&dev.id, 9).unwrap().unwrap();
+        assert_eq!(removed.id, dev.id);
+        assert!(store.device(&dev.id).unwrap().is_none());
+        assert_eq!(store.cert("02").unwrap().unwrap().revoked_at, Some(9));
+        assert_eq!(store.revoked_certs().unwrap().len(), 2);
+        assert!(store.remove_device(&dev.id, 10).unwrap().is_none());
+        let unknown = DeviceId::parse("zz").unwrap();
+        assert!(store.update_device(&unknown, |_| {}).unwrap().is_none());
+    }
+
+    #[test]
+    fn records_from_before_roles_read_as_devices() {
+        let old = r#"{"id":"a","name":"n","state":"Active","created_at":1,"last_seen":0,"cert_serial":"01","cert_not_after":2}"#;
+        let record: DeviceRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.role, Role::Device);
+        assert_eq!(record.grants, Grants::default());
+        assert_eq!(record.isolation_reason, None);
     }
 }

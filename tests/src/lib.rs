@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+pub mod pair;
 pub mod raw;
 
 /// How long any single wait in a test may take before it fails. Generous:
@@ -224,6 +225,15 @@ pub struct DeviceIdentity {
     pub key_pem: String,
     pub cert_pem: String,
     pub ca_pem: String,
+}
+
+/// Shows the id only: the key is a secret even in test output.
+impl std::fmt::Debug for DeviceIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceIdentity")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A P-256 key and a PEM CSR for it, as a device would make them.
