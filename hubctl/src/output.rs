@@ -33,6 +33,8 @@ pub struct DeviceView {
     pub isolation_reason: Option<String>,
     /// The topic filters an integration was granted (empty for a device).
     pub grants: GrantsView,
+    /// What the device says it is; `null` until it has said.
+    pub kind: Option<String>,
 }
 
 /// A device's state; `unknown` covers states this hubctl does not know yet.
@@ -127,6 +129,7 @@ impl From<&v1::Device> for DeviceView {
             // The protocol says the reason is empty unless the device is isolated.
             isolation_reason: (!d.isolation_reason.is_empty()).then(|| d.isolation_reason.clone()),
             grants: GrantsView::from(d.grants.as_ref()),
+            kind: (!d.kind.is_empty()).then(|| d.kind.clone()),
         }
     }
 }
@@ -555,6 +558,7 @@ pub fn device_table(devices: &[DeviceView]) -> String {
                 sanitize(&d.id),
                 sanitize(&d.name),
                 d.role.as_str().to_owned(),
+                d.kind.as_deref().map(sanitize).unwrap_or_else(|| "-".to_owned()),
                 d.state.as_str().to_owned(),
                 yes_no(d.connected).to_owned(),
                 human_time(d.cert_not_after),
@@ -568,6 +572,7 @@ pub fn device_table(devices: &[DeviceView]) -> String {
             "ID",
             "NAME",
             "ROLE",
+            "KIND",
             "STATE",
             "CONNECTED",
             "CERT EXPIRES",
@@ -584,6 +589,13 @@ pub fn device_details(d: &DeviceView) -> String {
         ("id", sanitize(&d.id)),
         ("name", sanitize(&d.name)),
         ("role", d.role.as_str().to_owned()),
+        (
+            "kind",
+            d.kind
+                .as_deref()
+                .map(sanitize)
+                .unwrap_or_else(|| "-".to_owned()),
+        ),
         ("state", d.state.as_str().to_owned()),
         ("isolation reason", reason_or_dash(d)),
         ("connected", yes_no(d.connected).to_owned()),
@@ -750,6 +762,7 @@ mod tests {
             role: v1::Role::Device.into(),
             isolation_reason: String::new(),
             grants: None,
+            kind: String::new(),
         }
     }
 
@@ -832,17 +845,18 @@ mod tests {
         ];
         assert_eq!(
             device_table(&list),
-            "ID   NAME                   ROLE         STATE     CONNECTED  CERT EXPIRES      LAST SEEN         REASON\n\
-             d1   Kitchen sensor         device       active    yes        2026-11-22 14:03  -                 -\n\
-             d1   Wohnzimmer Thermostat  device       active    yes        2026-11-22 14:03  2026-11-22 14:03  -\n\
-             old  Old cam                device       isolated  no         2026-11-22 14:03  -                 no updates since 2021\\u{1b}[2J\n\
-             ha   Home Assistant         integration  active    yes        2026-11-22 14:03  -                 -\n"
+            "ID   NAME                   ROLE         KIND  STATE     CONNECTED  CERT EXPIRES      LAST SEEN         REASON\n\
+             d1   Kitchen sensor         device       -     active    yes        2026-11-22 14:03  -                 -\n\
+             d1   Wohnzimmer Thermostat  device       -     active    yes        2026-11-22 14:03  2026-11-22 14:03  -\n\
+             old  Old cam                device       -     isolated  no         2026-11-22 14:03  -                 no updates since 2021\\u{1b}[2J\n\
+             ha   Home Assistant         integration  -     active    yes        2026-11-22 14:03  -                 -\n"
         );
         assert_eq!(
             device_details(&list[0]),
             "id:               d1\n\
              name:             Kitchen sensor\n\
              role:             device\n\
+             kind:             -\n\
              state:            active\n\
              isolation reason: -\n\
              connected:        yes\n\
@@ -959,6 +973,7 @@ mod tests {
                 "last_seen_rfc3339": null,
                 "role": "device",
                 "isolation_reason": null,
+                "kind": null,
                 "grants": { "publish": [], "subscribe": [] },
             })
         );

@@ -53,6 +53,7 @@ fn device(id: &str, name: &str, connected: bool, last_seen: i64) -> v1::Device {
         role: v1::Role::Device.into(),
         isolation_reason: String::new(),
         grants: None,
+        kind: String::new(),
     }
 }
 
@@ -581,10 +582,10 @@ async fn devices_list_human_and_json() {
     let hub = start(FakeHub::default());
     assert_eq!(
         ok(&hub.socket, &["devices", "list"]).await,
-        "ID      NAME              ROLE         STATE     CONNECTED  CERT EXPIRES      LAST SEEN         REASON\n\
-         h0m3as  Home Assistant    integration  active    yes        2026-11-22 14:03  2025-11-23 09:41  -\n\
-         7h3k2m  Küche Thermostat  device       active    yes        2026-11-22 14:03  2025-11-23 09:41  -\n\
-         a1b2c3  台所のセンサー    device       isolated  no         2026-11-22 14:03  -                 no firmware updates since 2021\n"
+        "ID      NAME              ROLE         KIND  STATE     CONNECTED  CERT EXPIRES      LAST SEEN         REASON\n\
+         h0m3as  Home Assistant    integration  -     active    yes        2026-11-22 14:03  2025-11-23 09:41  -\n\
+         7h3k2m  Küche Thermostat  device       -     active    yes        2026-11-22 14:03  2025-11-23 09:41  -\n\
+         a1b2c3  台所のセンサー    device       -     isolated  no         2026-11-22 14:03  -                 no firmware updates since 2021\n"
     );
 
     let json: serde_json::Value =
@@ -606,6 +607,7 @@ async fn devices_list_human_and_json() {
                 "last_seen_rfc3339": "2025-11-23T09:41:00Z",
                 "role": "integration",
                 "isolation_reason": null,
+                "kind": null,
                 "grants": { "publish": ["d/+/cmd/#"], "subscribe": ["d/+/state"] },
             },
             {
@@ -622,6 +624,7 @@ async fn devices_list_human_and_json() {
                 "last_seen_rfc3339": "2025-11-23T09:41:00Z",
                 "role": "device",
                 "isolation_reason": null,
+                "kind": null,
                 "grants": { "publish": [], "subscribe": [] },
             },
             {
@@ -638,6 +641,7 @@ async fn devices_list_human_and_json() {
                 "last_seen_rfc3339": null,
                 "role": "device",
                 "isolation_reason": REASON,
+                "kind": null,
                 "grants": { "publish": [], "subscribe": [] },
             },
         ]})
@@ -652,6 +656,7 @@ async fn devices_show_human_and_json() {
         "id:               7h3k2m\n\
          name:             Küche Thermostat\n\
          role:             device\n\
+         kind:             -\n\
          state:            active\n\
          isolation reason: -\n\
          connected:        yes\n\
@@ -667,6 +672,7 @@ async fn devices_show_human_and_json() {
         "id:               a1b2c3\n\
          name:             台所のセンサー\n\
          role:             device\n\
+         kind:             -\n\
          state:            isolated\n\
          isolation reason: no firmware updates since 2021\n\
          connected:        no\n\

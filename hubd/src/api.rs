@@ -375,6 +375,7 @@ fn device_to_pb(d: &DeviceRecord, connected: bool) -> pb::Device {
         role: role_to_pb(d.role) as i32,
         isolation_reason: d.isolation_reason.clone().unwrap_or_default(),
         grants: Some(grants_to_pb(&d.grants)),
+        kind: d.kind.clone().unwrap_or_default(),
         connected,
         cert_serial: d.cert_serial.clone(),
         cert_not_after: d.cert_not_after,

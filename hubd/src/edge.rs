@@ -1068,6 +1068,14 @@ impl Conn {
                 }
                 return Ok(());
             }
+            if let Principal::Device(id) | Principal::Isolated(id) = &self.principal
+                && topic
+                    .strip_prefix("d/")
+                    .and_then(|t| t.strip_prefix(id.as_str()))
+                    == Some("/meta")
+            {
+                self.note_kind(&publish.payload);
+            }
             let mut publish = publish;
             publish.topic = escape_dollar_bytes(publish.topic);
             to_router.push(Packet::Publish(publish, props));
@@ -1148,6 +1156,23 @@ impl Conn {
         subscribe.filters = allowed;
         to_router.push(Packet::Subscribe(subscribe, props));
         Ok(())
+    }
+
+    /// Records the `kind` a device states in its metadata, in the background.
+    fn note_kind(&self, payload: &Bytes) {
+        let Ok(meta) = serde_json::from_slice::<serde_json::Value>(payload) else {
+            return;
+        };
+        let Some(kind) = meta.get("kind").and_then(|k| k.as_str()).map(str::to_owned) else {
+            return;
+        };
+        let registry = self.shared.registry.clone();
+        let id = self.id.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = registry.set_kind(&id, &kind) {
+                warn!(device = %id, error = %e, "cannot record the device kind");
+            }
+        });
     }
 
     /// Issues a renewed certificate for this device from the CSR in `payload`

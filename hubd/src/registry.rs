@@ -197,6 +197,7 @@ impl RegistryHandle {
             role,
             isolation_reason: None,
             grants,
+            kind: None,
         };
         let cert = CertRecord {
             serial_hex: issued.serial_hex.clone(),
@@ -453,6 +454,26 @@ impl RegistryHandle {
             .ok_or_else(|| Error::NotFound(id.clone()))?;
         info!(target: "security", device = %id, "device removed");
         Ok((removed, self.crl()?))
+    }
+
+    /// Records what the device says it is (from its metadata), if that
+    /// changed. A malformed kind is ignored with a warning: it is the
+    /// device's own description, not something to refuse a session over.
+    pub fn set_kind(&self, id: &DeviceId, kind: &str) -> Result<(), Error> {
+        let valid = !kind.is_empty()
+            && kind.len() <= 32
+            && kind
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !valid {
+            warn!(device = %id, kind, "ignoring a malformed device kind");
+            return Ok(());
+        }
+        if self.device(id)?.kind.as_deref() == Some(kind) {
+            return Ok(());
+        }
+        self.update(id, |d| d.kind = Some(kind.to_owned()))?;
+        Ok(())
     }
 
     /// Ids of the devices isolated now.

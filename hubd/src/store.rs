@@ -80,6 +80,9 @@ pub struct DeviceRecord {
     /// Topic rights of an integration; empty for devices.
     #[serde(default)]
     pub grants: Grants,
+    /// What the device says it is, from its `d/<id>/meta`.
+    #[serde(default)]
+    pub kind: Option<String>,
 }
 
 /// A certificate the hub's CA issued to a device. Times are Unix seconds.
@@ -734,6 +737,7 @@ mod tests {
             role: Role::Device,
             isolation_reason: None,
             grants: Grants::default(),
+            kind: None,
         };
         let cert = CertRecord {
             serial_hex: serial.to_owned(),

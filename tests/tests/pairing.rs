@@ -131,11 +131,18 @@ async fn pair_a_device_with_hubctl_and_hubsim_then_it_connects() {
     assert_eq!(identity.id, id);
 
     let mut watch = hub.watch(&format!("d/{id}/state")).await.unwrap();
-    let device = SimDevice::connect(&identity, hub.mqtt_addr).await.unwrap();
-    device
-        .publish(&format!("d/{id}/state"), b"{\"t\":20}", true)
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hubsim"))
+        .args(["connect", "--port", &hub.mqtt_addr.port().to_string()])
+        .args(["--state", "{\"t\":20}", "--dir"])
+        .arg(&out_dir)
+        .output()
         .await
         .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(watch.next().await.unwrap().payload, b"{\"t\":20}");
     let listed = hub
         .admin()
@@ -570,4 +577,73 @@ async fn an_offline_bundle_carries_a_working_key() {
         ca_pem: bundle.ca_chain_pem,
     };
     SimDevice::connect(&identity, hub.mqtt_addr).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_simulated_device_renews_by_itself_when_less_than_30_days_remain() {
+    let hub = TestHub::start_with(|c| c.ca.device_validity_days = 20)
+        .await
+        .unwrap();
+    let old = hub.enroll("short-lived").await.unwrap();
+    assert!(hub_tests::renew::renewal_due(&old, time::OffsetDateTime::now_utc()).unwrap());
+    let (_session, renewed) = hub_tests::renew::connect_renewing(&old, hub.mqtt_addr)
+        .await
+        .unwrap();
+    assert_eq!(renewed.id, old.id);
+    assert_ne!(renewed.cert_pem, old.cert_pem);
+    // The new certificate has been used, so the old one is dead.
+    let out = raw::try_connect(
+        hub.mqtt_addr,
+        old.client_config().unwrap(),
+        &raw::connect_v4(&old.id),
+    )
+    .await;
+    assert!(matches!(out, Outcome::Refused(_)), "{out:?}");
+
+    // A fresh certificate is not renewed.
+    let hub = TestHub::start().await.unwrap();
+    let fresh = hub.enroll("fresh").await.unwrap();
+    let (_session, same) = hub_tests::renew::connect_renewing(&fresh, hub.mqtt_addr)
+        .await
+        .unwrap();
+    assert_eq!(same.cert_pem, fresh.cert_pem);
+}
+
+#[tokio::test]
+async fn the_registry_records_the_kind_a_device_states_in_its_metadata() {
+    let hub = TestHub::start().await.unwrap();
+    let id = hub.enroll("hall").await.unwrap();
+    let dev = SimDevice::connect(&id, hub.mqtt_addr).await.unwrap();
+    let meta = format!("d/{}/meta", id.id);
+    let mut watch = hub.watch(&meta).await.unwrap();
+    dev.publish(&meta, br#"{"kind":"Not A Kind!"}"#, true)
+        .await
+        .unwrap();
+    dev.publish(&meta, br#"{"kind":"switch","model":"X1"}"#, true)
+        .await
+        .unwrap();
+    watch.next().await.unwrap();
+    watch.next().await.unwrap();
+    let mut admin = hub.admin().await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let device = admin
+            .get_device(pb::GetDeviceRequest { id: id.id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if device.kind == "switch" {
+            break;
+        }
+        assert!(
+            device.kind.is_empty(),
+            "malformed kind stored: {:?}",
+            device.kind
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "kind never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

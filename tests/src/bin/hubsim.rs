@@ -6,12 +6,18 @@
 //! (0600), cert.pem, ca.pem and device.json into DIR. It prints the device
 //! id on stdout. On failure it prints `hubsim: <reason>` on stderr and exits
 //! 1; a refusal reads `hubsim: pairing refused: <message> (<error code>)`.
+//!
+//! `hubsim connect --dir DIR --host H --port P [--state JSON]` connects as the
+//! device in DIR over mTLS, renews its certificate first if less than 30
+//! days remain (writing the new one into DIR), publishes its state
+//! (retained) and disconnects.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use hub_tests::DeviceEvent;
 use hub_tests::pair::{self, PairError};
 
 #[derive(Parser)]
@@ -25,6 +31,24 @@ struct Cli {
 enum Command {
     /// Pair with a hub using a pairing URI and a setup code.
     Pair(PairArgs),
+    /// Connect as a paired device, renew if due, publish state once.
+    Connect(ConnectArgs),
+}
+
+#[derive(Args)]
+struct ConnectArgs {
+    /// The directory `hubsim pair --out` wrote.
+    #[arg(long)]
+    dir: PathBuf,
+    /// The hub's MQTT host.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// The hub's MQTT port.
+    #[arg(long, default_value_t = 8883)]
+    port: u16,
+    /// The state to publish on d/<id>/state (retained).
+    #[arg(long, default_value = "{\"online\":true}")]
+    state: String,
 }
 
 #[derive(Args)]
@@ -48,6 +72,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Pair(args) => run_pair(args).await,
+        Command::Connect(args) => run_connect(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -72,5 +97,50 @@ async fn run_pair(args: PairArgs) -> Result<(), String> {
         )
     })?;
     println!("{}", identity.id);
+    Ok(())
+}
+
+async fn run_connect(args: ConnectArgs) -> Result<(), String> {
+    let identity = pair::read_identity(&args.dir)
+        .map_err(|e| format!("cannot read the device in {}: {e}", args.dir.display()))?;
+    let addr = tokio::net::lookup_host((args.host.as_str(), args.port))
+        .await
+        .map_err(|e| format!("{}:{}: {e}", args.host, args.port))?
+        .next()
+        .ok_or_else(|| format!("{}:{}: no address", args.host, args.port))?;
+    let (device, current) = hub_tests::renew::connect_renewing(&identity, addr)
+        .await
+        .map_err(|e| format!("connect: {e:#}"))?;
+    if current.cert_pem != identity.cert_pem {
+        pair::write_identity(&current, &args.dir)
+            .map_err(|e| format!("renewed, but cannot write {}: {e}", args.dir.display()))?;
+        eprintln!("hubsim: certificate renewed");
+    }
+    let mut device = device;
+    // QoS 1, and wait for the PUBACK: the process ends right after.
+    device
+        .client
+        .publish(
+            format!("d/{}/state", current.id),
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            args.state.into_bytes(),
+        )
+        .await
+        .map_err(|e| format!("publish: {e}"))?;
+    loop {
+        match device.next().await.map_err(|e| format!("publish: {e:#}"))? {
+            DeviceEvent::PubAck(_) => break,
+            DeviceEvent::Disconnected(why) => return Err(format!("disconnected: {why}")),
+            DeviceEvent::Message { .. } | DeviceEvent::SubAck(_) => {}
+        }
+    }
+    device
+        .client
+        .disconnect()
+        .await
+        .map_err(|e| format!("disconnect: {e}"))?;
+    let _ = device.disconnected().await;
+    println!("{}", current.id);
     Ok(())
 }
