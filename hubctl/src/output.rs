@@ -532,9 +532,16 @@ pub fn key_values(pairs: &[(&str, String)]) -> String {
 
 /// The isolation reason, [`sanitize`]d, or `-`.
 fn reason_or_dash(d: &DeviceView) -> String {
-    d.isolation_reason
-        .as_deref()
-        .map_or_else(|| "-".to_owned(), sanitize)
+    or_dash(d.isolation_reason.as_deref())
+}
+
+/// The device's kind, [`sanitize`]d; `-` until it has said.
+fn kind_or_dash(d: &DeviceView) -> String {
+    or_dash(d.kind.as_deref())
+}
+
+fn or_dash(text: Option<&str>) -> String {
+    text.map_or_else(|| "-".to_owned(), sanitize)
 }
 
 /// Topic filters, [`sanitize`]d and joined with `, `; `-` for none.
@@ -558,7 +565,7 @@ pub fn device_table(devices: &[DeviceView]) -> String {
                 sanitize(&d.id),
                 sanitize(&d.name),
                 d.role.as_str().to_owned(),
-                d.kind.as_deref().map(sanitize).unwrap_or_else(|| "-".to_owned()),
+                kind_or_dash(d),
                 d.state.as_str().to_owned(),
                 yes_no(d.connected).to_owned(),
                 human_time(d.cert_not_after),
