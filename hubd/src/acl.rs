@@ -202,7 +202,7 @@ pub fn check_subscribe(who: &Principal, filter: &str) -> bool {
 }
 
 /// The part of `topic` after `d/<id>/`, if the topic is in the device's namespace.
-fn own_suffix<'t>(id: &DeviceId, topic: &'t str) -> Option<&'t str> {
+pub fn own_suffix<'t>(id: &DeviceId, topic: &'t str) -> Option<&'t str> {
     topic
         .strip_prefix("d/")?
         .strip_prefix(id.as_str())?

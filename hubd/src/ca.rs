@@ -1139,13 +1139,18 @@ fn add_days(from: OffsetDateTime, days: u32) -> Result<OffsetDateTime, Error> {
         })
 }
 
-/// The machine's hostname as a server SAN, if it has a usable one.
-fn hostname() -> Option<San> {
+/// This machine's host name, if it has one (also what pairing URIs name
+/// when no `advertise_host` is set).
+pub fn machine_hostname() -> Option<String> {
     let raw = fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
     let name = raw.trim();
-    if name.is_empty() || name == "(none)" {
-        return None;
-    }
+    (!name.is_empty() && name != "(none)").then(|| name.to_owned())
+}
+
+/// The machine's hostname as a server SAN, if it has a usable one.
+fn hostname() -> Option<San> {
+    let name = machine_hostname()?;
+    let name = name.as_str();
     match San::parse(name) {
         Some(san @ San::Dns(_)) => Some(san),
         _ => {

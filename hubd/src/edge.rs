@@ -1051,10 +1051,7 @@ impl Conn {
         if acl::check_publish(&self.principal, topic, &|id| isolated.contains(id)) {
             bump(&self.shared.counters.publishes_received);
             if let Principal::Device(id) = &self.principal
-                && topic
-                    .strip_prefix("d/")
-                    .and_then(|t| t.strip_prefix(id.as_str()))
-                    == Some("/cert/csr")
+                && acl::own_suffix(id, topic) == Some("cert/csr")
             {
                 // A renewal request: answered by the hub, never routed.
                 self.renew(&publish.payload);
@@ -1069,10 +1066,7 @@ impl Conn {
                 return Ok(());
             }
             if let Principal::Device(id) | Principal::Isolated(id) = &self.principal
-                && topic
-                    .strip_prefix("d/")
-                    .and_then(|t| t.strip_prefix(id.as_str()))
-                    == Some("/meta")
+                && acl::own_suffix(id, topic) == Some("meta")
             {
                 self.note_kind(&publish.payload);
             }

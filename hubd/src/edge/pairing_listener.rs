@@ -203,7 +203,7 @@ impl EdgeHandle {
         } else if !addr.ip().is_unspecified() {
             addr.ip().to_string()
         } else {
-            hostname().unwrap_or_else(|| "localhost".to_owned())
+            crate::ca::machine_hostname().unwrap_or_else(|| "localhost".to_owned())
         };
         let uri = PairingUri::new(
             &host,
@@ -214,13 +214,6 @@ impl EdgeHandle {
         .map_err(|e| Error::Pairing(format!("pairing URI: {e}")))?;
         Ok(uri.to_string())
     }
-}
-
-/// This machine's host name, if it is a usable DNS name.
-fn hostname() -> Option<String> {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
-    let name = name.trim();
-    (!name.is_empty()).then(|| name.to_owned())
 }
 
 impl Shared {
