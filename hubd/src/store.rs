@@ -350,24 +350,7 @@ impl Store {
             let bytes = self.encode("devices", id.as_str(), &device)?;
             devices.insert(id.as_str(), bytes.as_slice()).ctx(path)?;
 
-            // A full scan: a hub holds hundreds of certificates, not
-            // millions, and an index table would be one more thing to keep
-            // consistent.
-            let mut to_revoke = Vec::new();
-            for entry in certs.iter().ctx(path)? {
-                let (key, value) = entry.ctx(path)?;
-                let cert = self.decode_cert(key.value(), value.value())?;
-                if cert.device == *id && cert.revoked_at.is_none() {
-                    to_revoke.push(cert);
-                }
-            }
-            for mut cert in to_revoke {
-                cert.revoked_at = Some(at);
-                let bytes = self.encode("certs", &cert.serial_hex, &cert)?;
-                certs
-                    .insert(cert.serial_hex.as_str(), bytes.as_slice())
-                    .ctx(path)?;
-            }
+            self.revoke_certs_in(&mut certs, id, None, at)?;
             device
         };
         txn.commit().ctx(path)?;
@@ -452,22 +435,7 @@ impl Store {
         let txn = self.db.begin_write().ctx(path)?;
         let count = {
             let mut certs = txn.open_table(CERTS).ctx(path)?;
-            let mut to_revoke = Vec::new();
-            for entry in certs.iter().ctx(path)? {
-                let (key, value) = entry.ctx(path)?;
-                let cert = self.decode_cert(key.value(), value.value())?;
-                if cert.device == *id && cert.revoked_at.is_none() && cert.serial_hex != keep {
-                    to_revoke.push(cert);
-                }
-            }
-            for cert in &mut to_revoke {
-                cert.revoked_at = Some(at);
-                let bytes = self.encode("certs", &cert.serial_hex, &*cert)?;
-                certs
-                    .insert(cert.serial_hex.as_str(), bytes.as_slice())
-                    .ctx(path)?;
-            }
-            to_revoke.len()
+            self.revoke_certs_in(&mut certs, id, Some(keep), at)?
         };
         txn.commit().ctx(path)?;
         Ok(count)
@@ -486,25 +454,44 @@ impl Store {
                 Some(bytes) => self.decode_device(id.as_str(), bytes.value())?,
                 None => return Ok(None),
             };
-            let mut to_revoke = Vec::new();
-            for entry in certs.iter().ctx(path)? {
-                let (key, value) = entry.ctx(path)?;
-                let cert = self.decode_cert(key.value(), value.value())?;
-                if cert.device == *id && cert.revoked_at.is_none() {
-                    to_revoke.push(cert);
-                }
-            }
-            for cert in &mut to_revoke {
-                cert.revoked_at = Some(at);
-                let bytes = self.encode("certs", &cert.serial_hex, &*cert)?;
-                certs
-                    .insert(cert.serial_hex.as_str(), bytes.as_slice())
-                    .ctx(path)?;
-            }
+            self.revoke_certs_in(&mut certs, id, None, at)?;
             device
         };
         txn.commit().ctx(path)?;
         Ok(Some(removed))
+    }
+
+    /// Sets `revoked_at` on every unrevoked certificate of `id` but `keep`,
+    /// inside the caller's transaction; returns how many. A full scan: a hub
+    /// holds hundreds of certificates, not millions, and an index table
+    /// would be one more thing to keep consistent.
+    fn revoke_certs_in(
+        &self,
+        certs: &mut redb::Table<&str, &[u8]>,
+        id: &DeviceId,
+        keep: Option<&str>,
+        at: i64,
+    ) -> Result<usize, Error> {
+        let path = &*self.path;
+        let mut to_revoke = Vec::new();
+        for entry in certs.iter().ctx(path)? {
+            let (key, value) = entry.ctx(path)?;
+            let cert = self.decode_cert(key.value(), value.value())?;
+            if cert.device == *id
+                && cert.revoked_at.is_none()
+                && Some(cert.serial_hex.as_str()) != keep
+            {
+                to_revoke.push(cert);
+            }
+        }
+        for cert in &mut to_revoke {
+            cert.revoked_at = Some(at);
+            let bytes = self.encode("certs", &cert.serial_hex, &*cert)?;
+            certs
+                .insert(cert.serial_hex.as_str(), bytes.as_slice())
+                .ctx(path)?;
+        }
+        Ok(to_revoke.len())
     }
 
     /// Every revoked certificate: the content of the next CRL.
