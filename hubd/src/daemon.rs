@@ -9,6 +9,8 @@
 //! down and `run` returns the error, so `main` exits non-zero and systemd
 //! restarts it.
 
+use std::future::Future;
+use std::ops::ControlFlow;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -242,6 +244,39 @@ pub async fn run(
     outcome
 }
 
+/// Runs `job` every `period`, the first time one period after start, until
+/// `stop` or until the job breaks.
+async fn every<F, Fut>(period: Duration, stop: CancellationToken, mut job: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ControlFlow<()>>,
+{
+    let mut ticker = tokio::time::interval(period);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if job().await.is_break() {
+            return;
+        }
+    }
+}
+
+/// Runs registry work on the blocking pool; a panic there becomes an error
+/// message, since these periodic jobs only log.
+async fn on_registry<T: Send + 'static>(
+    registry: &RegistryHandle,
+    work: impl FnOnce(&RegistryHandle) -> Result<T, registry::Error> + Send + 'static,
+) -> Result<T, String> {
+    let r = registry.clone();
+    match tokio::task::spawn_blocking(move || work(&r)).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err("the task panicked".to_owned()),
+    }
+}
+
 /// Hourly: revokes device certificates replaced by a renewal more than the
 /// grace period ago, for devices that never came back with the new one.
 async fn retire_superseded(
@@ -250,70 +285,57 @@ async fn retire_superseded(
     grace: i64,
     stop: CancellationToken,
 ) {
-    let mut ticker = tokio::time::interval(RENEW_CHECK);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        let r = registry.clone();
-        match tokio::task::spawn_blocking(move || r.retire_superseded(grace)).await {
-            Ok(Ok(Some(crl))) => {
+    every(RENEW_CHECK, stop, || async {
+        match on_registry(&registry, move |r| r.retire_superseded(grace)).await {
+            Ok(Some(crl)) => {
                 if let Err(e) = edge.set_crl(crl) {
                     error!(error = %e, "cannot install the CRL retiring superseded certificates");
                 }
             }
-            Ok(Ok(None)) => {}
-            Ok(Err(e)) => warn!(error = %e, "retiring superseded certificates failed"),
-            Err(_) => warn!("retiring superseded certificates panicked"),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "retiring superseded certificates failed"),
         }
-    }
+        ControlFlow::Continue(())
+    })
+    .await
 }
 
+/// Every minute: makes informational writes durable.
 async fn flush_store(registry: RegistryHandle, stop: CancellationToken) {
-    let mut ticker = tokio::time::interval(FLUSH_EVERY);
-    ticker.tick().await;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ticker.tick() => {}
+    every(FLUSH_EVERY, stop, || async {
+        let flushed = on_registry(&registry, |r| {
+            r.store().flush().map_err(registry::Error::from)
+        })
+        .await;
+        if let Err(e) = flushed {
+            warn!(error = %e, "periodic store flush failed");
         }
-        let r = registry.clone();
-        match tokio::task::spawn_blocking(move || r.store().flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, "periodic store flush failed"),
-            Err(_) => warn!("periodic store flush task panicked"),
-        }
-    }
+        ControlFlow::Continue(())
+    })
+    .await
 }
 
+/// Hourly: renews the edge's server certificate when it is due.
 async fn renew_server_cert(
     registry: RegistryHandle,
     edge: EdgeHandle,
     stop: CancellationToken,
     failed: mpsc::Sender<Error>,
 ) {
-    let mut ticker = tokio::time::interval(RENEW_CHECK);
-    ticker.tick().await;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        let r = registry.clone();
-        let renewed = tokio::task::spawn_blocking(move || r.renew_server_if_due()).await;
-        match renewed {
-            Ok(Ok(Some(identity))) => {
+    every(RENEW_CHECK, stop, || async {
+        match on_registry(&registry, |r| r.renew_server_if_due()).await {
+            Ok(Some(identity)) => {
                 if let Err(e) = edge.set_server_identity(identity) {
                     let _ = failed.send(Error::Edge(e)).await;
-                    return;
+                    return ControlFlow::Break(());
                 }
             }
-            Ok(Ok(None)) => {}
+            Ok(None) => {}
             // Renewal failing is serious but not yet fatal: the current
             // certificate is still valid for days. Say so loudly and retry.
-            Ok(Err(e)) => error!(error = %e, "server certificate renewal failed"),
-            Err(_) => error!("server certificate renewal task panicked"),
+            Err(e) => error!(error = %e, "server certificate renewal failed"),
         }
-    }
+        ControlFlow::Continue(())
+    })
+    .await
 }
