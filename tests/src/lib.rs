@@ -151,6 +151,25 @@ impl TestHub {
         Self::launch(dir, config).await
     }
 
+    /// Stops and starts again on the same state dir and the same MQTT
+    /// address, as a power cut and reboot would: devices that retry the old
+    /// address find the hub again.
+    pub async fn restart_same_port(self) -> anyhow::Result<TestHub> {
+        let addr = self.mqtt_addr;
+        let (dir, mut config) = self.stop().await?;
+        config.edge.listen = addr;
+        Self::launch(dir, config).await
+    }
+
+    /// Stops the hub; [`TestHub::start_again`] brings it back later on the
+    /// same state dir and address (for tests that need the hub away a while).
+    pub async fn stop_for_restart(self) -> anyhow::Result<StoppedHub> {
+        let addr = self.mqtt_addr;
+        let (dir, mut config) = self.stop().await?;
+        config.edge.listen = addr;
+        Ok(StoppedHub { dir, config })
+    }
+
     /// Makes a device key and CSR here and enrols it through the admin API.
     pub async fn enroll(&self, name: &str) -> anyhow::Result<DeviceIdentity> {
         DeviceIdentity::enroll(&mut self.admin().await?, name).await
@@ -192,6 +211,19 @@ impl TestHub {
             })
             .await?;
         Ok(())
+    }
+}
+
+/// A hub stopped by [`TestHub::stop_for_restart`].
+pub struct StoppedHub {
+    dir: Arc<TempDir>,
+    config: Config,
+}
+
+impl StoppedHub {
+    /// Starts it again on the same state dir and address.
+    pub async fn start_again(self) -> anyhow::Result<TestHub> {
+        TestHub::launch(self.dir, self.config).await
     }
 }
 
