@@ -33,7 +33,7 @@ use crate::edge::{self, EdgeHandle};
 use crate::model::{DeviceId, DeviceName, Grants, Qos, Role};
 use crate::pairing::{SetupCode, WindowInfo};
 use crate::registry::{self, RegistryHandle};
-use crate::store::{DeviceRecord, DeviceState};
+use crate::store::{DeviceRecord, DeviceState, RetainedKind};
 
 /// The largest CSR accepted, PEM: a P-256 CSR is well under 1 KiB.
 const MAX_CSR_BYTES: usize = 16 * 1024;
@@ -288,6 +288,7 @@ impl From<edge::Error> for Status {
             edge::Error::Isolated(_) => Status::failed_precondition(e.to_string()),
             edge::Error::Pairing(_) => Status::failed_precondition(e.to_string()),
             edge::Error::Tls(_)
+            | edge::Error::Restore(_)
             | edge::Error::Verifier(_)
             | edge::Error::Link(_)
             | edge::Error::Join(_)
@@ -655,6 +656,14 @@ impl Admin for Service {
         let (_, crl) = blocking(move || registry.remove(&target)).await?;
         self.state.edge.set_crl(crl)?;
         let was_connected = self.state.edge.disconnect(&id).await;
+        // Its retained state and metadata go too (empty retained messages).
+        for which in RetainedKind::ALL {
+            let topic = format!("d/{id}/{}", which.suffix());
+            self.state
+                .edge
+                .publish(&topic, Bytes::new(), Qos::AtMostOnce, true)
+                .await?;
+        }
         self.refresh_isolated().await?;
         Ok(Response::new(pb::RemoveDeviceResponse {
             was_connected,

@@ -60,6 +60,7 @@ use crate::config::EdgeSection;
 use crate::config::PairingSection;
 use crate::model::{DeviceId, Qos};
 use crate::registry::RegistryHandle;
+use crate::store::RetainedKind;
 pub use pairing_listener::OpenedWindow;
 
 /// Client id of the hub's own router link. `_` cannot appear in a device id,
@@ -108,6 +109,10 @@ fn unescape_dollar_bytes(topic: Bytes) -> Bytes {
     }
 }
 
+/// Retained updates waiting for the store; beyond this they are dropped (the
+/// router still has them, and the device republishes on reconnect).
+const RETAINED_QUEUE: usize = 4096;
+
 /// Longest a new connection may wait for an admission token before it is refused.
 const MAX_ADMISSION_DELAY: Duration = Duration::from_secs(2);
 
@@ -124,6 +129,8 @@ pub enum Error {
     Join(#[from] tokio::task::JoinError),
     #[error("mqtt listener: {0}")]
     Listener(std::io::Error),
+    #[error("cannot restore retained device state: {0}")]
+    Restore(String),
     #[error("device {0} is isolated: commands to it are not sent")]
     Isolated(String),
     #[error("pairing: {0}")]
@@ -279,6 +286,8 @@ struct Shared {
     next_watch: AtomicU64,
     /// Source of packet ids for the hub's QoS 1 publishes.
     next_hub_pkid: AtomicU64,
+    /// Retained device state and metadata on their way to the store.
+    retained_tx: mpsc::Sender<(DeviceId, RetainedKind, Vec<u8>)>,
     /// Cancels watch tasks at shutdown.
     shutdown: CancellationToken,
 }
@@ -568,7 +577,7 @@ pub async fn start(
             .map_err(|e| e.to_string())
     });
     let factory = links.clone();
-    let (hub_tx, mut hub_rx, _ack) =
+    let (mut hub_tx, mut hub_rx, _ack) =
         tokio::task::spawn_blocking(move || factory(HUB_CLIENT_ID, true))
             .await?
             .map_err(Error::Link)?;
@@ -588,6 +597,36 @@ pub async fn start(
         }
     });
 
+    // Devices' last known state and metadata go back into the router before
+    // the first device is accepted, so anything that subscribes after a
+    // restart sees them at once.
+    let stored = {
+        let registry = registry.clone();
+        tokio::task::spawn_blocking(move || registry.store().retained())
+            .await?
+            .map_err(|e| Error::Restore(e.to_string()))?
+    };
+    let restored = stored.len();
+    for (id, which, payload) in stored {
+        let topic = Bytes::from(format!("d/{id}/{}", which.suffix()));
+        hub_tx
+            .send(Packet::Publish(
+                Publish::new(topic, Bytes::from(payload), true),
+                None,
+            ))
+            .await
+            .map_err(|e| Error::Link(e.to_string()))?;
+    }
+    if restored > 0 {
+        info!(restored, "retained device state restored from the store");
+    }
+    let (retained_tx, retained_rx) = mpsc::channel(RETAINED_QUEUE);
+    tracker.spawn(write_retained(
+        registry.clone(),
+        retained_rx,
+        shutdown.clone(),
+    ));
+
     let shared = Arc::new(Shared {
         cfg,
         tls: ArcSwap::new(tls),
@@ -606,6 +645,7 @@ pub async fn start(
         local_addr,
         next_watch: AtomicU64::new(1),
         next_hub_pkid: AtomicU64::new(0),
+        retained_tx,
         shutdown: shutdown.clone(),
     });
     let handle = EdgeHandle {
@@ -614,6 +654,53 @@ pub async fn start(
     let inner_tracker = tracker.clone();
     tracker.spawn(accept_loop(shared, listener, inner_tracker, shutdown));
     Ok(handle)
+}
+
+/// Writes retained device state to the store in batches: one transaction
+/// for whatever has queued up, keeping only the latest payload per topic.
+/// At shutdown it stops taking more, writes what is queued, and ends.
+async fn write_retained(
+    registry: RegistryHandle,
+    mut rx: mpsc::Receiver<(DeviceId, RetainedKind, Vec<u8>)>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            // Queued updates first, so none is left behind at shutdown.
+            biased;
+            next = rx.recv() => match next {
+                Some(update) => update,
+                None => return,
+            },
+            _ = shutdown.cancelled() => {
+                rx.close();
+                continue;
+            }
+        };
+        let mut latest: HashMap<(DeviceId, RetainedKind), Vec<u8>> = HashMap::new();
+        let (id, which, payload) = first;
+        latest.insert((id, which), payload);
+        while latest.len() < 1024 {
+            match rx.try_recv() {
+                Ok((id, which, payload)) => {
+                    latest.insert((id, which), payload);
+                }
+                Err(_) => break,
+            }
+        }
+        let batch: Vec<_> = latest
+            .into_iter()
+            .map(|((id, which), payload)| (id, which, payload))
+            .collect();
+        let registry = registry.clone();
+        let written =
+            tokio::task::spawn_blocking(move || registry.store().put_retained(&batch)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "cannot store retained device state"),
+            Err(_) => warn!("storing retained device state panicked"),
+        }
+    }
 }
 
 /// Admission token bucket: `rate` tokens a second up to `burst`. A connection
@@ -1066,9 +1153,17 @@ impl Conn {
                 return Ok(());
             }
             if let Principal::Device(id) | Principal::Isolated(id) = &self.principal
-                && acl::own_suffix(id, topic) == Some("meta")
+                && let Some(which) = acl::own_suffix(id, topic).and_then(RetainedKind::from_suffix)
             {
-                self.note_kind(&publish.payload);
+                if which == RetainedKind::Meta {
+                    self.note_kind(&publish.payload);
+                }
+                if publish.retain {
+                    let update = (id.clone(), which, publish.payload.to_vec());
+                    if self.shared.retained_tx.try_send(update).is_err() {
+                        warn!(device = %id, "state store queue full: this update is not persisted");
+                    }
+                }
             }
             let mut publish = publish;
             publish.topic = escape_dollar_bytes(publish.topic);

@@ -36,6 +36,10 @@ pub const SCHEMA_VERSION: u32 = 1;
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 /// Certificate records, keyed by lowercase hex serial.
 const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certs");
+/// The last retained `state` and `meta` payload of each device, keyed by
+/// `<device id>/state` and `<device id>/meta`: bounded to two values per
+/// device, never a history.
+const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 /// Store-wide counters and the schema version, keyed by the names below.
 /// Meta values are plain JSON and will stay unencrypted: the schema version
 /// must be readable before the data key is, and none of it is personal.
@@ -83,6 +87,35 @@ pub struct DeviceRecord {
     /// What the device says it is, from its `d/<id>/meta`.
     #[serde(default)]
     pub kind: Option<String>,
+}
+
+/// Which retained topic of a device a stored payload belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RetainedKind {
+    /// `d/<id>/state`
+    State,
+    /// `d/<id>/meta`
+    Meta,
+}
+
+impl RetainedKind {
+    pub const ALL: [RetainedKind; 2] = [RetainedKind::State, RetainedKind::Meta];
+
+    /// The topic level after `d/<id>/`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            RetainedKind::State => "state",
+            RetainedKind::Meta => "meta",
+        }
+    }
+
+    pub fn from_suffix(suffix: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.suffix() == suffix)
+    }
+
+    fn key(self, id: &DeviceId) -> String {
+        format!("{id}/{}", self.suffix())
+    }
 }
 
 /// A certificate the hub's CA issued to a device. Times are Unix seconds.
@@ -237,6 +270,7 @@ impl Store {
             let meta = txn.open_table(META).ctx(path)?;
             txn.open_table(DEVICES).ctx(path)?;
             txn.open_table(CERTS).ctx(path)?;
+            txn.open_table(RETAINED).ctx(path)?;
             self.meta_get::<u32>(&meta, META_SCHEMA_VERSION)?
         };
         match found {
@@ -455,6 +489,10 @@ impl Store {
                 None => return Ok(None),
             };
             self.revoke_certs_in(&mut certs, id, None, at)?;
+            let mut retained = txn.open_table(RETAINED).ctx(path)?;
+            for which in RetainedKind::ALL {
+                retained.remove(which.key(id).as_str()).ctx(path)?;
+            }
             device
         };
         txn.commit().ctx(path)?;
@@ -492,6 +530,54 @@ impl Store {
                 .ctx(path)?;
         }
         Ok(to_revoke.len())
+    }
+
+    /// Records the latest retained payloads (an empty payload clears, as in
+    /// MQTT), in one transaction for the whole batch.
+    ///
+    /// Not durable on return, like [`Store::touch_last_seen`]: device state
+    /// changes at message rate, so the edge batches it and this commits
+    /// without fsync. The periodic flush (every minute) and the flush at
+    /// shutdown make it durable; a power cut loses at most the state updates
+    /// since the last flush, and the device republishes its state when it
+    /// reconnects.
+    pub fn put_retained(&self, batch: &[(DeviceId, RetainedKind, Vec<u8>)]) -> Result<(), Error> {
+        let path = &*self.path;
+        let mut txn = self.db.begin_write().ctx(path)?;
+        txn.set_durability(Durability::None).ctx(path)?;
+        {
+            let mut retained = txn.open_table(RETAINED).ctx(path)?;
+            for (id, which, payload) in batch {
+                let key = which.key(id);
+                if payload.is_empty() {
+                    retained.remove(key.as_str()).ctx(path)?;
+                } else {
+                    let sealed = self.seal(&key, payload);
+                    retained.insert(key.as_str(), sealed.as_slice()).ctx(path)?;
+                }
+            }
+        }
+        txn.commit().ctx(path)
+    }
+
+    /// Every stored retained payload, for the hub to publish again at start.
+    pub fn retained(&self) -> Result<Vec<(DeviceId, RetainedKind, Vec<u8>)>, Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_read().ctx(path)?;
+        let retained = txn.open_table(RETAINED).ctx(path)?;
+        let mut out = Vec::new();
+        for entry in retained.iter().ctx(path)? {
+            let (key, value) = entry.ctx(path)?;
+            let key = key.value();
+            let parsed = key.split_once('/').and_then(|(id, which)| {
+                Some((DeviceId::parse(id).ok()?, RetainedKind::from_suffix(which)?))
+            });
+            let Some((id, which)) = parsed else {
+                return Err(self.corrupt("retained", key, "not <device id>/state or /meta".into()));
+            };
+            out.push((id, which, self.open_sealed(key, value.value())));
+        }
+        Ok(out)
     }
 
     /// Every revoked certificate: the content of the next CRL.
@@ -590,8 +676,17 @@ impl Store {
             .ok_or_else(|| self.corrupt("meta", META_SCHEMA_VERSION, "missing".to_owned()))
     }
 
-    // The encryption seam. Every record value goes through these two
-    // functions and nothing else reads or writes record bytes.
+    // The encryption seam. Every record value goes through `encode`/`decode`
+    // and every raw payload through `seal`/`open_sealed`; nothing else reads
+    // or writes value bytes. Today they are the identity for payloads.
+
+    fn seal(&self, _key: &str, payload: &[u8]) -> Vec<u8> {
+        payload.to_vec()
+    }
+
+    fn open_sealed(&self, _key: &str, bytes: &[u8]) -> Vec<u8> {
+        bytes.to_vec()
+    }
 
     fn encode<T: Serialize>(
         &self,
@@ -1052,5 +1147,40 @@ mod tests {
         assert_eq!(record.role, Role::Device);
         assert_eq!(record.grants, Grants::default());
         assert_eq!(record.isolation_reason, None);
+    }
+
+    #[test]
+    fn retained_state_is_bounded_per_device_and_cleared_by_empty_payloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.redb");
+        let store = Store::open(&path).unwrap();
+        let (dev, cert) = device("a", "01");
+        store.enroll(&dev, &cert).unwrap();
+        let a = dev.id.clone();
+        store
+            .put_retained(&[
+                (a.clone(), RetainedKind::State, b"1".to_vec()),
+                (a.clone(), RetainedKind::State, b"2".to_vec()),
+                (a.clone(), RetainedKind::Meta, b"m".to_vec()),
+            ])
+            .unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let mut got = store.retained().unwrap();
+        got.sort_by_key(|(_, k, _)| k.suffix());
+        assert_eq!(
+            got,
+            vec![
+                (a.clone(), RetainedKind::Meta, b"m".to_vec()),
+                (a.clone(), RetainedKind::State, b"2".to_vec()),
+            ]
+        );
+        store
+            .put_retained(&[(a.clone(), RetainedKind::Meta, Vec::new())])
+            .unwrap();
+        assert_eq!(store.retained().unwrap().len(), 1);
+        store.remove_device(&a, 1).unwrap();
+        assert!(store.retained().unwrap().is_empty());
     }
 }
