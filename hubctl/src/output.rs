@@ -213,6 +213,8 @@ pub struct StatusView {
     /// SHA-256 of the hub CA certificate (DER), lowercase hex.
     pub ca_fingerprint: String,
     pub mqtt_listen: String,
+    /// What is wrong with the hub's clock; `null` while it looks right.
+    pub clock_warning: Option<String>,
 }
 
 /// The message counters of `status --json`; the meanings are those of `admin.proto`.
@@ -227,6 +229,8 @@ pub struct CountersView {
     pub connections_refused: u64,
     pub sessions_refused: u64,
     pub protocol_errors: u64,
+    pub connections_admitted: u64,
+    pub connections_deferred: u64,
 }
 
 impl From<&v1::StatusResponse> for StatusView {
@@ -249,9 +253,12 @@ impl From<&v1::StatusResponse> for StatusView {
                 connections_refused: c.connections_refused,
                 sessions_refused: c.sessions_refused,
                 protocol_errors: c.protocol_errors,
+                connections_admitted: c.connections_admitted,
+                connections_deferred: c.connections_deferred,
             },
             ca_fingerprint: s.ca_fingerprint.clone(),
             mqtt_listen: s.mqtt_listen.clone(),
+            clock_warning: (!s.clock_warning.is_empty()).then(|| s.clock_warning.clone()),
         }
     }
 }
@@ -724,7 +731,7 @@ pub fn pairing_opened(
 /// The human `status`.
 pub fn status_details(s: &StatusView) -> String {
     let c = &s.counters;
-    key_values(&[
+    let mut rows = vec![
         ("version", sanitize(&s.version)),
         ("protocol", s.protocol_version.to_string()),
         ("uptime", human_duration(s.uptime_seconds)),
@@ -746,10 +753,16 @@ pub fn status_details(s: &StatusView) -> String {
         ),
         ("handshakes ok", c.handshakes_ok.to_string()),
         ("handshakes failed", c.handshakes_failed.to_string()),
+        ("connections admitted", c.connections_admitted.to_string()),
+        ("connections deferred", c.connections_deferred.to_string()),
         ("connections refused", c.connections_refused.to_string()),
         ("sessions refused", c.sessions_refused.to_string()),
         ("protocol errors", c.protocol_errors.to_string()),
-    ])
+    ];
+    if let Some(warning) = &s.clock_warning {
+        rows.push(("clock warning", sanitize(warning)));
+    }
+    key_values(&rows)
 }
 
 #[cfg(test)]
@@ -1081,6 +1094,7 @@ mod tests {
             counters: None,
             ca_fingerprint: "ab".into(),
             mqtt_listen: "0.0.0.0:8883".into(),
+            clock_warning: String::new(),
         };
         let view = StatusView::from(&s);
         let json = serde_json::to_value(&view).expect("serializes");
@@ -1094,6 +1108,7 @@ mod tests {
             keys,
             [
                 "ca_fingerprint",
+                "clock_warning",
                 "counters",
                 "devices_connected",
                 "devices_known",

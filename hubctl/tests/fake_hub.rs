@@ -235,9 +235,12 @@ impl Admin for FakeHub {
                 connections_refused: 0,
                 sessions_refused: 2,
                 protocol_errors: 0,
+                connections_admitted: 10,
+                connections_deferred: 1,
             }),
             ca_fingerprint: "ab".repeat(32),
             mqtt_listen: "0.0.0.0:8883".into(),
+            clock_warning: String::new(),
         }))
     }
 
@@ -544,6 +547,8 @@ async fn status_human_and_json() {
              dropped slow subscriber: 0\n\
              handshakes ok:           9\n\
              handshakes failed:       1\n\
+             connections admitted:    10\n\
+             connections deferred:    1\n\
              connections refused:     0\n\
              sessions refused:        2\n\
              protocol errors:         0\n"
@@ -570,9 +575,12 @@ async fn status_human_and_json() {
                 "connections_refused": 0,
                 "sessions_refused": 2,
                 "protocol_errors": 0,
+                "connections_admitted": 10,
+                "connections_deferred": 1,
             },
             "ca_fingerprint": fp,
             "mqtt_listen": "0.0.0.0:8883",
+            "clock_warning": null,
         })
     );
 }

@@ -443,9 +443,12 @@ impl Admin for Service {
                 connections_refused: get(&c.connections_refused),
                 sessions_refused: get(&c.sessions_refused),
                 protocol_errors: get(&c.protocol_errors),
+                connections_admitted: get(&c.connections_admitted),
+                connections_deferred: get(&c.connections_deferred),
             }),
             ca_fingerprint: self.state.registry.ca_fingerprint().to_owned(),
             mqtt_listen: self.state.edge.local_addr().to_string(),
+            clock_warning: crate::clock::warning().unwrap_or_default(),
         }))
     }
 

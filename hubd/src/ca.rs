@@ -370,7 +370,7 @@ impl Ca {
             server_names,
             server_validity_days,
         };
-        let now = OffsetDateTime::now_utc();
+        let now = crate::clock::trusted_now();
         let server = match root.load_server(now)? {
             Some(server) => server,
             None => root.make_server(now)?,
@@ -418,7 +418,7 @@ impl Ca {
                 reason: "device certificate validity must be at least one day".to_owned(),
             });
         }
-        let now = OffsetDateTime::now_utc();
+        let now = crate::clock::trusted_now();
         let not_after = add_days(now, validity_days)?;
         self.issue_from_csr_with_validity(id, csr_pem, now - CLOCK_SKEW, not_after)
     }
@@ -512,7 +512,7 @@ impl Ca {
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
-        let now = OffsetDateTime::now_utc();
+        let now = crate::clock::trusted_now();
         let params = CertificateRevocationListParams {
             this_update: now,
             next_update: now + CRL_NEXT_UPDATE,
@@ -805,7 +805,7 @@ fn load_or_create_root(
         });
     }
     let not_after = cert.validity().not_after.to_datetime();
-    if not_after <= OffsetDateTime::now_utc() {
+    if not_after <= crate::clock::trusted_now() {
         // Still usable to sign (and to wipe and start over), so say it loudly
         // instead of refusing to start: devices will reject the hub anyway.
         tracing::error!(path = %cert_path.display(), %not_after, "the hub CA certificate has expired");
@@ -828,7 +828,7 @@ fn create_root(
     // certificate list; 40 bits are plenty for that (it is not a secret).
     let mut suffix = [0u8; 5];
     fill_random(&mut suffix)?;
-    let now = OffsetDateTime::now_utc();
+    let now = crate::clock::trusted_now();
     let mut params = CertificateParams::default();
     params.distinguished_name = common_name(&format!(
         "hubd root CA {}",

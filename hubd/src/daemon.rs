@@ -192,6 +192,7 @@ pub async fn run(
         failed_tx.clone(),
     ));
     aux_tasks.spawn(flush_store(registry.clone(), aux_stop.clone()));
+
     aux_tasks.spawn(retire_superseded(
         registry.clone(),
         edge.clone(),
@@ -206,6 +207,14 @@ pub async fn run(
         &registry.ca_fingerprint()[..16]
     );
     info!(state_dir = %state_dir.display(), "{status}");
+    aux_tasks.spawn(watch_clock(status.clone(), aux_stop.clone()));
+    let status = match crate::clock::warning() {
+        Some(warning) => {
+            warn!("{warning}");
+            format!("{status}; clock not set")
+        }
+        None => status,
+    };
     systemd::ready(&status);
 
     let outcome = tokio::select! {
@@ -296,6 +305,22 @@ async fn retire_superseded(
             Err(e) => warn!(error = %e, "retiring superseded certificates failed"),
         }
         ControlFlow::Continue(())
+    })
+    .await
+}
+
+/// Every minute: says when a clock that was behind has been set (status
+/// stops warning by itself; this is for the journal).
+async fn watch_clock(status: String, stop: CancellationToken) {
+    let mut behind = crate::clock::warning().is_some();
+    every(FLUSH_EVERY, stop, || {
+        let now_behind = crate::clock::warning().is_some();
+        if behind && !now_behind {
+            info!("the system clock has been set: certificates are checked against it again");
+            systemd::status(&status);
+        }
+        behind = now_behind;
+        std::future::ready(ControlFlow::Continue(()))
     })
     .await
 }

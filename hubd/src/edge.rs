@@ -40,9 +40,13 @@ use rumqttd::protocol::{
     SubAck, Subscribe, SubscribeReasonCode,
 };
 use rumqttd::{Notification, Router, RouterConfig};
+use rustls::DigitallySignedStruct;
+use rustls::DistinguishedName;
 use rustls::ServerConfig;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::WebPkiClientVerifier;
-use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -161,6 +165,8 @@ pub struct Counters {
     pub connections_refused: AtomicU64,
     /// Connections whose admission was deferred by the token bucket.
     pub connections_deferred: AtomicU64,
+    /// Connections let through admission (at once or after a wait).
+    pub connections_admitted: AtomicU64,
     /// MQTT sessions refused after the handshake (identity, gate, will ACL).
     pub sessions_refused: AtomicU64,
     /// Malformed, oversized or unsupported packets that ended a connection.
@@ -223,6 +229,10 @@ pub fn tls_config(
         // The hub CA is the trust anchor itself; only device certificates can be revoked.
         .only_check_end_entity_revocation()
         .build()?;
+    let verifier = Arc::new(ClockTolerantVerifier {
+        inner: verifier,
+        floor: unix_time(crate::clock::build_time()),
+    });
     let versions: &[&rustls::SupportedProtocolVersion] = if allow_tls12 {
         &[&rustls::version::TLS13, &rustls::version::TLS12]
     } else {
@@ -233,6 +243,75 @@ pub fn tls_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(server.cert_chain.clone(), server.key.clone_key())?;
     Ok(Arc::new(config))
+}
+
+fn unix_time(t: time::OffsetDateTime) -> UnixTime {
+    UnixTime::since_unix_epoch(Duration::from_secs(
+        u64::try_from(t.unix_timestamp()).unwrap_or(0),
+    ))
+}
+
+/// Checks client certificates as if the time were never earlier than
+/// `floor` (the build time): a hub whose clock has not been set yet must not
+/// refuse every device as "not yet valid". Expiry is still checked against
+/// the later of the two, so a wrong clock never makes an expired
+/// certificate valid.
+#[derive(Debug)]
+struct ClockTolerantVerifier {
+    /// The webpki verifier that does the real work.
+    inner: Arc<dyn ClientCertVerifier>,
+    /// The earliest time a check is made at.
+    floor: UnixTime,
+}
+
+impl ClientCertVerifier for ClockTolerantVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let at = if now.as_secs() < self.floor.as_secs() {
+            self.floor
+        } else {
+            now
+        };
+        self.inner.verify_client_cert(end_entity, intermediates, at)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// Makes router links: a closure so the router's event type, which rumqttd
@@ -791,6 +870,7 @@ async fn accept_loop(
             debug!(%peer, "admission refused: rate limit");
             continue;
         };
+        bump(&shared.counters.connections_admitted);
         if !delay.is_zero() {
             bump(&shared.counters.connections_deferred);
         }
@@ -1807,5 +1887,75 @@ async fn run_session<R: AsyncRead + Unpin>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::Ca;
+    use time::OffsetDateTime;
+
+    /// A device certificate valid from `from` for one day, and a verifier
+    /// for the CA that issued it.
+    fn cert_and_verifier(
+        from: OffsetDateTime,
+    ) -> (
+        CertificateDer<'static>,
+        Arc<dyn ClientCertVerifier>,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::open_or_create(&dir.path().join("ca"), &[], 30).unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let id = DeviceId::parse("dev").unwrap();
+        let issued = ca
+            .issue_from_csr_with_validity(&id, &csr, from, from + time::Duration::days(1))
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.ca_der()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .unwrap();
+        (CertificateDer::from(issued.der), verifier, dir)
+    }
+
+    #[test]
+    fn a_clock_behind_the_build_date_does_not_make_certificates_not_yet_valid() {
+        let now = OffsetDateTime::now_utc();
+        // Issued for a time ten days ahead of this machine's clock, as a hub
+        // whose clock has not been set sees every certificate.
+        let (cert, inner, _dir) = cert_and_verifier(now + time::Duration::days(10));
+        let plain = inner.verify_client_cert(&cert, &[], unix_time(now));
+        assert!(
+            matches!(
+                plain,
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::NotValidYet
+                        | rustls::CertificateError::NotValidYetContext { .. }
+                ))
+            ),
+            "{plain:?}"
+        );
+        let tolerant = ClockTolerantVerifier {
+            inner: inner.clone(),
+            floor: unix_time(now + time::Duration::days(10) + time::Duration::hours(1)),
+        };
+        tolerant
+            .verify_client_cert(&cert, &[], unix_time(now))
+            .expect("checked at the floor, where the certificate is valid");
+        // The floor never revives an expired certificate.
+        let late = ClockTolerantVerifier {
+            inner,
+            floor: unix_time(now + time::Duration::days(12)),
+        };
+        assert!(late.verify_client_cert(&cert, &[], unix_time(now)).is_err());
     }
 }

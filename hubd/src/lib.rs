@@ -4,8 +4,9 @@
 //! The binary (`main.rs`) parses arguments, binds the sockets and calls
 //! [`run`]; the tests call the same [`run`] on port 0 and temp dirs.
 
-// Layer 0: pure types and policy.
+// Layer 0: pure types and policy, and the hub's idea of the time.
 pub mod acl;
+pub mod clock;
 pub mod config;
 pub mod model;
 // Layer 1: persistence and the CA.

@@ -159,7 +159,7 @@ impl RegistryHandle {
     pub fn renew_server_if_due(&self) -> Result<Option<ServerIdentity>, Error> {
         let before = time::Duration::days(i64::from(self.inner.ca_cfg.server_renew_before_days));
         let mut ca = self.ca();
-        if ca.renew_server_if_due(OffsetDateTime::now_utc(), before)? {
+        if ca.renew_server_if_due(crate::clock::trusted_now(), before)? {
             info!("server certificate renewed");
             Ok(Some(ca.server_identity()))
         } else {
