@@ -245,9 +245,23 @@ impl Store {
         // tampering) fail to open with an error; without it redb may panic
         // on such a file. It reads the whole file, which for a hub's store
         // is a few megabytes, once per start.
+        // After a crash or power cut redb rolls back to the last committed
+        // transaction (checksums tell a torn write from a whole one). That
+        // is expected, not silent: say so once.
+        let told = std::sync::atomic::AtomicBool::new(false);
+        let shown = path.display().to_string();
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
             .set_check_integrity_on_open(true)
+            .set_repair_callback(move |_| {
+                if !told.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(
+                        store = %shown,
+                        "store was not closed cleanly: recovering the last committed state \
+                         (writes that were never acknowledged are discarded)"
+                    );
+                }
+            })
             .create(path)
             .map_err(|e| open_err(e.into()))?;
         let store = Store {

@@ -325,3 +325,106 @@ fn relative_paths_on_the_command_line_are_taken_from_the_working_directory() {
     });
     assert!(status.success());
 }
+
+/// What a client was told succeeded before the crash.
+#[derive(Default)]
+struct Acknowledged {
+    enrolled: Vec<String>,
+    isolated: Vec<String>,
+}
+
+fn csr() -> String {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap()
+}
+
+/// Enrols and isolates devices as fast as hubd answers, recording every
+/// acknowledged change, until the connection breaks (the crash).
+async fn stream_changes(socket: PathBuf, acked: std::sync::Arc<std::sync::Mutex<Acknowledged>>) {
+    let Ok(mut admin) = hub_proto::admin_client(&socket).await else {
+        return;
+    };
+    for n in 0u32.. {
+        let enrolled = admin
+            .enroll_device(pb::EnrollDeviceRequest {
+                name: format!("device {n}"),
+                csr_pem: csr(),
+            })
+            .await;
+        let Ok(enrolled) = enrolled else { return };
+        let id = enrolled.into_inner().device.unwrap().id;
+        acked.lock().unwrap().enrolled.push(id.clone());
+        if n % 2 == 0 {
+            let isolated = admin
+                .isolate_device(pb::IsolateDeviceRequest {
+                    id: id.clone(),
+                    reason: format!("crash test {n}"),
+                })
+                .await;
+            if isolated.is_err() {
+                return;
+            }
+            acked.lock().unwrap().isolated.push(id);
+        }
+    }
+}
+
+#[test]
+fn kill_9_during_writes_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    // A worker thread keeps the writes going while this thread picks the
+    // moment to kill.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Acknowledged::default()));
+    // Crash points spread over the first few hundred milliseconds of writes.
+    let delays_ms = [40u64, 170, 90, 260, 15, 130, 210, 60, 300, 110];
+    for cycle in 0..20 {
+        let hubd = start(dir.path(), &format!("c{cycle}"));
+        // Everything acknowledged in earlier cycles is there, and the store
+        // opened clean (hubd got to READY=1).
+        rt.block_on(async {
+            let mut admin = hub_proto::admin_client(&hubd.socket).await.unwrap();
+            let devices = admin
+                .list_devices(pb::ListDevicesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .devices;
+            let acked = acked.lock().unwrap();
+            for id in &acked.enrolled {
+                let d = devices
+                    .iter()
+                    .find(|d| &d.id == id)
+                    .unwrap_or_else(|| panic!("cycle {cycle}: acknowledged enrolment {id} lost"));
+                if acked.isolated.contains(id) {
+                    assert_eq!(
+                        d.state,
+                        pb::DeviceState::Isolated as i32,
+                        "cycle {cycle}: acknowledged isolation of {id} lost"
+                    );
+                }
+            }
+        });
+        let writer = rt.spawn(stream_changes(hubd.socket.clone(), acked.clone()));
+        std::thread::sleep(Duration::from_millis(delays_ms[cycle % delays_ms.len()]));
+        let mut child = hubd.child;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        rt.block_on(writer).unwrap();
+    }
+    let acked = acked.lock().unwrap();
+    assert!(
+        acked.enrolled.len() > 20,
+        "too few writes to mean anything: {}",
+        acked.enrolled.len()
+    );
+}
