@@ -1215,56 +1215,60 @@ impl Conn {
             ));
         }
         let isolated = self.shared.isolated.load();
-        if acl::check_publish(&self.principal, topic, &|id| isolated.contains(id)) {
-            bump(&self.shared.counters.publishes_received);
-            if let Principal::Device(id) = &self.principal
-                && acl::own_suffix(id, topic) == Some("cert/csr")
-            {
-                // A renewal request: answered by the hub, never routed.
-                self.renew(&publish.payload);
-                if qos == 1 {
-                    let pkid = publish_pkid(&publish);
-                    let ack = PubAck {
-                        pkid,
-                        reason: PubAckReason::Success,
-                    };
-                    self.send(Packet::PubAck(ack, None)).await?;
-                }
-                return Ok(());
-            }
-            if let Principal::Device(id) | Principal::Isolated(id) = &self.principal
-                && let Some(which) = acl::own_suffix(id, topic).and_then(RetainedKind::from_suffix)
-            {
-                if which == RetainedKind::Meta {
-                    self.note_kind(&publish.payload);
-                }
-                if publish.retain {
-                    let update = (id.clone(), which, publish.payload.to_vec());
-                    if self.shared.retained_tx.try_send(update).is_err() {
-                        warn!(device = %id, "state store queue full: this update is not persisted");
-                    }
-                }
-            }
-            let mut publish = publish;
-            publish.topic = escape_dollar_bytes(publish.topic);
-            to_router.push(Packet::Publish(publish, props));
+        if !acl::check_publish(&self.principal, topic, &|id| isolated.contains(id)) {
+            return self.refused_publish(topic, qos, &publish).await;
+        }
+        bump(&self.shared.counters.publishes_received);
+        if let Principal::Device(id) = &self.principal
+            && acl::own_suffix(id, topic) == Some("cert/csr")
+        {
+            // A renewal request: answered by the hub, never routed.
+            self.renew(&publish.payload);
+            return self.ack_qos1(qos, &publish, PubAckReason::Success).await;
+        }
+        self.note_device_topics(topic, &publish);
+        let mut publish = publish;
+        publish.topic = escape_dollar_bytes(publish.topic);
+        to_router.push(Packet::Publish(publish, props));
+        Ok(())
+    }
+
+    /// Acknowledges a QoS 1 PUBLISH the hub answers itself.
+    async fn ack_qos1(
+        &mut self,
+        qos: u8,
+        publish: &Publish,
+        reason: PubAckReason,
+    ) -> Result<(), End> {
+        if qos != 1 {
             return Ok(());
         }
+        let ack = PubAck {
+            pkid: publish_pkid(publish),
+            reason,
+        };
+        self.send(Packet::PubAck(ack, None)).await
+    }
+
+    /// A PUBLISH the ACL refused: counted, logged, answered as each MQTT
+    /// version allows, and the session ended after too many.
+    async fn refused_publish(
+        &mut self,
+        topic: &str,
+        qos: u8,
+        publish: &Publish,
+    ) -> Result<(), End> {
         bump(&self.shared.counters.acl_denied);
         self.violations += 1;
         warn!(target: "security", device = %self.id, %topic, "publish denied by acl");
-        if qos == 1 {
-            // v5 says why; v3.1.1 has no negative PUBACK, so the message is
-            // acknowledged and discarded (as Mosquitto does) to stop retries.
-            let reason = if self.codec.is_v5() {
-                PubAckReason::NotAuthorized
-            } else {
-                PubAckReason::Success
-            };
-            let pkid = publish_pkid(&publish);
-            self.send(Packet::PubAck(PubAck { pkid, reason }, None))
-                .await?;
-        }
+        // v5 says why; v3.1.1 has no negative PUBACK, so the message is
+        // acknowledged and discarded (as Mosquitto does) to stop retries.
+        let reason = if self.codec.is_v5() {
+            PubAckReason::NotAuthorized
+        } else {
+            PubAckReason::Success
+        };
+        self.ack_qos1(qos, publish, reason).await?;
         if self.violations >= self.shared.cfg.max_acl_violations {
             return Err(End::Protocol(
                 format!("{} publishes denied by the acl", self.violations),
@@ -1272,6 +1276,26 @@ impl Conn {
             ));
         }
         Ok(())
+    }
+
+    /// What the hub keeps of a device's own state and metadata: the kind it
+    /// states, and the retained payloads for the store.
+    fn note_device_topics(&self, topic: &str, publish: &Publish) {
+        let (Principal::Device(id) | Principal::Isolated(id)) = &self.principal else {
+            return;
+        };
+        let Some(which) = acl::own_suffix(id, topic).and_then(RetainedKind::from_suffix) else {
+            return;
+        };
+        if which == RetainedKind::Meta {
+            self.note_kind(&publish.payload);
+        }
+        if publish.retain {
+            let update = (id.clone(), which, publish.payload.to_vec());
+            if self.shared.retained_tx.try_send(update).is_err() {
+                warn!(device = %id, "state store queue full: this update is not persisted");
+            }
+        }
     }
 
     async fn incoming_subscribe(
