@@ -40,6 +40,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("model", 0),
     ("config", 0),
     ("acl", 0),
+    ("clock", 0),
     ("bus", 0),
     ("store", 1),
     ("ca", 1),
