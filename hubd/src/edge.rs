@@ -877,33 +877,38 @@ async fn accept_loop(
         if let Err(e) = tcp.set_nodelay(true) {
             debug!(%peer, error = %e, "set_nodelay failed");
         }
-        let evict = CancellationToken::new();
-        let guard = {
-            let mut p = lock(&pending);
-            while p.by_age.len() >= shared.cfg.max_concurrent_handshakes {
-                if let Some((_, oldest)) = p.by_age.pop_first() {
-                    oldest.cancel();
-                }
-            }
-            let key = p.next;
-            p.next += 1;
-            p.by_age.insert(key, evict.clone());
-            PendingGuard {
-                pending: pending.clone(),
-                key,
-            }
-        };
         tracker.spawn(connection(
             shared.clone(),
             tcp,
             peer,
             delay,
-            evict,
-            guard,
+            pending.clone(),
             shutdown.clone(),
         ));
     }
     info!("mqtt listener closed");
+}
+
+impl Pending {
+    /// Registers a handshake that is starting now, evicting the oldest ones
+    /// if `cap` are already running.
+    fn register(pending: &Arc<Mutex<Pending>>, cap: usize) -> (CancellationToken, PendingGuard) {
+        let evict = CancellationToken::new();
+        let mut p = lock(pending);
+        while p.by_age.len() >= cap {
+            if let Some((_, oldest)) = p.by_age.pop_first() {
+                oldest.cancel();
+            }
+        }
+        let key = p.next;
+        p.next += 1;
+        p.by_age.insert(key, evict.clone());
+        let guard = PendingGuard {
+            pending: pending.clone(),
+            key,
+        };
+        (evict, guard)
+    }
 }
 
 async fn connection(
@@ -911,15 +916,22 @@ async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
     delay: Duration,
-    evict: CancellationToken,
-    guard: PendingGuard,
+    pending: Arc<Mutex<Pending>>,
     shutdown: CancellationToken,
 ) {
+    // A deferred connection waits for its admission token first. It holds no
+    // handshake slot meanwhile: counting it as pending would let newer
+    // arrivals evict exactly the connections whose turn has come, which
+    // stalled every handshake in a reconnect storm.
+    if !delay.is_zero() {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    let (evict, guard) = Pending::register(&pending, shared.cfg.max_concurrent_handshakes);
     let acceptor = TlsAcceptor::from(shared.tls.load_full());
-    let handshake = async {
-        tokio::time::sleep(delay).await;
-        tokio::time::timeout(shared.cfg.handshake_timeout, acceptor.accept(tcp)).await
-    };
+    let handshake = tokio::time::timeout(shared.cfg.handshake_timeout, acceptor.accept(tcp));
     let tls = tokio::select! {
         _ = shutdown.cancelled() => return,
         _ = evict.cancelled() => {

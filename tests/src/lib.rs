@@ -31,6 +31,7 @@ use tonic::transport::Channel;
 pub mod pair;
 pub mod raw;
 pub mod renew;
+pub mod sim;
 
 /// How long any single wait in a test may take before it fails. Generous:
 /// CI machines are slow, and a wait ends as soon as its condition holds.

@@ -13,6 +13,15 @@
 //! device subscribe to another device's topics, so on hubd the subscriber is
 //! the hub's own admin `Watch` stream (gRPC over the admin socket), while on
 //! Mosquitto it is an MQTT client subscribed to the same filter.
+//!
+//! `hubbench storm [--devices 1000]` measures the return after a broker
+//! restart (principle 9): a fleet of simulated devices ([`hub_tests::sim`],
+//! full-jitter backoff) connected to hubd in this process, hubd stopped and
+//! started again on the same state dir and address; then the same devices,
+//! same client code and same backoff against Mosquitto, killed and started
+//! again on the same port. It prints one table: time until every device is
+//! back, connection attempts per second (peak), refusals, devices that gave
+//! up, CPU and memory.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,6 +34,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use hub_proto::v1 as pb;
+use hub_tests::sim::{self, Fleet, FleetConfig, FleetStats, Kind};
 use hub_tests::{DeviceIdentity, TestHub, loopback_name};
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
@@ -68,6 +78,37 @@ struct Cli {
 enum Command {
     /// Publish throughput over mTLS: hubd versus Mosquitto, QoS 0 and 1.
     Throughput(ThroughputArgs),
+    /// Reconnect storm after a broker restart: hubd versus Mosquitto.
+    Storm(StormArgs),
+}
+
+#[derive(Args, Clone, Copy)]
+struct StormArgs {
+    /// Simulated devices (half sensors, half switches).
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    /// State messages per second per sensor.
+    #[arg(long, default_value_t = 0.1)]
+    rate: f64,
+    /// Reconnect backoff: the first window.
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    backoff_base: Duration,
+    /// Reconnect backoff: the largest window.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    backoff_cap: Duration,
+    /// Power-on jitter for the first connection; default: the fleet over
+    /// 80% of hubd's admission rate, so setting up does not itself storm.
+    #[arg(long, value_parser = duration)]
+    start_spread: Option<Duration>,
+    /// Longest wait for the fleet to connect, and again to come back.
+    #[arg(long, default_value = "150s", value_parser = duration)]
+    limit: Duration,
+}
+
+/// Parses "500ms", "10s", "5m", "1h" as hubd's config does.
+fn duration(text: &str) -> Result<Duration, String> {
+    hubd::config::parse_duration(text)
+        .ok_or_else(|| format!("{text:?}: expected a whole number and ms, s, m or h"))
 }
 
 #[derive(Args, Clone, Copy)]
@@ -98,6 +139,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Throughput(args) => throughput(args).await,
+            Command::Storm(args) => storm(args).await,
         }
     });
     match result {
@@ -632,6 +674,9 @@ struct Mosquitto {
     child: tokio::process::Child,
     pid: u32,
     addr: SocketAddr,
+    bin: PathBuf,
+    conf_path: PathBuf,
+    log_path: PathBuf,
     /// Holds the config, certificates and log alive until the broker stops.
     _dir: TempDir,
 }
@@ -680,16 +725,7 @@ impl Mosquitto {
         let conf_path = dir.path().join("mosquitto.conf");
         std::fs::write(&conf_path, config)?;
         let log_path = dir.path().join("mosquitto.log");
-        let log = std::fs::File::create(&log_path)?;
-        let mut child = tokio::process::Command::new(bin)
-            .arg("-c")
-            .arg(&conf_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("spawn {}", bin.display()))?;
+        let mut child = Self::spawn(bin, &conf_path, &log_path)?;
         let pid = child.id().context("mosquitto has a pid")?;
 
         let config = probe.client_config()?;
@@ -713,8 +749,53 @@ impl Mosquitto {
             child,
             pid,
             addr,
+            bin: bin.to_owned(),
+            conf_path,
+            log_path,
             _dir: dir,
         })
+    }
+
+    /// Spawns the broker with its output appended to `log_path`.
+    fn spawn(
+        bin: &Path,
+        conf_path: &Path,
+        log_path: &Path,
+    ) -> anyhow::Result<tokio::process::Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)?;
+        tokio::process::Command::new(bin)
+            .arg("-c")
+            .arg(conf_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))
+    }
+
+    /// Kills the broker (SIGKILL, as a crash or power cut would end it) and
+    /// starts it again on the same port at once. Returns the killed
+    /// process's CPU time; the new process's `pid` replaces the old one.
+    async fn kill_and_restart(&mut self) -> anyhow::Result<Duration> {
+        let cpu = cpu_time(self.pid).unwrap_or_default();
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        self.child = Self::spawn(&self.bin, &self.conf_path, &self.log_path)?;
+        self.pid = self.child.id().context("mosquitto has a pid")?;
+        Ok(cpu)
+    }
+
+    /// Fails if the broker has exited, with its log.
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+            bail!("mosquitto exited with {status}:\n{log}");
+        }
+        Ok(())
     }
 
     async fn stop(mut self) {
@@ -822,4 +903,456 @@ fn print_table(
     } else {
         println!("  rss_peak is VmHWM during that run (reset through /proc/<pid>/clear_refs)");
     }
+}
+
+/// CPU time (user + system, all threads) process `pid` has used so far, from
+/// `/proc/<pid>/stat`. The kernel reports it in USER_HZ ticks, which Linux
+/// fixes at 100 per second for every user-space interface.
+fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    // The command name in parentheses may contain spaces; fields follow the
+    // last ')': state is field 3, utime 14 and stime 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("{path}: no ')'"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .with_context(|| format!("{path}: field {} is not a number", i + 3))
+    };
+    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+}
+
+/// What one broker's storm found.
+struct StormResult {
+    broker: Broker,
+    /// From starting the fleet until every device had its first session.
+    connect_all: Duration,
+    /// From the stop until the broker listened again (hubd: ready).
+    down: Duration,
+    /// From the stop until every device had a new session, if they all did.
+    back: Option<Duration>,
+    /// Devices with a new session at the end.
+    back_count: usize,
+    /// Connection attempts per second from the stop on.
+    histogram: Vec<u64>,
+    /// Fleet counters from the stop until the end.
+    delta: FleetStats,
+    /// hubd only: its admission counters after the restart.
+    hub_counters: Option<pb::MessageCounters>,
+    /// hubd only: TLS handshakes completed per second, between status
+    /// samples taken about a second apart after the restart.
+    hub_handshakes: Option<Vec<f64>>,
+    /// hubd only: the longest a Status call took during the storm.
+    slowest_status: Option<Duration>,
+    /// CPU of the broker process from the stop until the end (Mosquitto:
+    /// the killed process's share plus the new one's).
+    broker_cpu: Option<Duration>,
+    /// CPU of this process (hubd: hub and clients; Mosquitto: clients and
+    /// the idle hub) over the same span.
+    bench_cpu: Duration,
+    /// Broker `(VmRSS, VmHWM)` at the end, KiB (Mosquitto: the new process).
+    broker_rss: Option<(u64, u64)>,
+    /// This process's `(VmRSS, VmHWM)` at the end; the peak covers the storm
+    /// when `peak_is_per_run`.
+    bench_rss: (u64, u64),
+    peak_is_per_run: bool,
+}
+
+fn stats_delta(after: &FleetStats, before: &FleetStats) -> FleetStats {
+    FleetStats {
+        devices: after.devices,
+        connected: after.connected,
+        ever_connected: after.ever_connected,
+        connects: after.connects - before.connects,
+        reconnects: after.reconnects - before.reconnects,
+        attempts: after.attempts - before.attempts,
+        failures: after.failures - before.failures,
+        busy: after.busy - before.busy,
+        blocked: after.blocked - before.blocked,
+        disconnects: after.disconnects - before.disconnects,
+        published: after.published - before.published,
+        received: after.received - before.received,
+        commands: after.commands - before.commands,
+        gave_up: after.gave_up,
+    }
+}
+
+/// Starts the fleet against `addr` and waits until every device connected.
+async fn connect_fleet(
+    devices: &[(DeviceIdentity, Kind)],
+    addr: SocketAddr,
+    cfg: &FleetConfig,
+    limit: Duration,
+) -> anyhow::Result<(Fleet, Duration)> {
+    let started = Instant::now();
+    let fleet = Fleet::start(devices.to_vec(), addr, cfg.clone());
+    fleet
+        .wait_connected(devices.len(), limit)
+        .await
+        .context("initial connection of the fleet")?;
+    Ok((fleet, started.elapsed()))
+}
+
+/// Waits (up to `limit`) until every device has a session begun after `t0`;
+/// returns how long that took, if it happened, and how many are back.
+async fn wait_back(fleet: &Fleet, t0: Instant, limit: Duration) -> (Option<Duration>, usize) {
+    let n = fleet.len();
+    let all = fleet
+        .wait_until("every device back", limit, |f| f.connected_since(t0) == n)
+        .await;
+    let back = match all {
+        Ok(()) => fleet.last_connected_at().map(|at| at - t0),
+        Err(e) => {
+            eprintln!("hubbench: {e:#}");
+            None
+        }
+    };
+    (back, fleet.connected_since(t0))
+}
+
+async fn storm(args: StormArgs) -> anyhow::Result<()> {
+    if args.devices == 0 {
+        bail!("--devices must be at least 1");
+    }
+    let mosquitto_bin = ensure_mosquitto()?;
+    let mosquitto_version = mosquitto_version(&mosquitto_bin);
+    let hub = TestHub::start_with(|c| {
+        // Room for the whole fleet; everything else as shipped.
+        c.edge.max_connections = c.edge.max_connections.max(args.devices + 64);
+    })
+    .await
+    .context("start hubd")?;
+    let (admission_rate, admission_burst) = (
+        hub.config.edge.admission_rate,
+        hub.config.edge.admission_burst,
+    );
+    let enrol_started = Instant::now();
+    let devices = sim::enroll_devices(&hub, args.devices, &Kind::ALL)
+        .await
+        .context("enrol the fleet")?;
+    eprintln!(
+        "hubbench: enrolled {} devices in {:.1} s",
+        devices.len(),
+        enrol_started.elapsed().as_secs_f64()
+    );
+    let spread = args.start_spread.unwrap_or_else(|| {
+        Duration::from_secs_f64(args.devices as f64 / (0.8 * f64::from(admission_rate)))
+    });
+    let cfg = FleetConfig {
+        rate: args.rate,
+        backoff_base: args.backoff_base,
+        backoff_cap: args.backoff_cap,
+        start_spread: spread,
+        ..FleetConfig::default()
+    };
+    let idle_rss = rss_kib(std::process::id())?;
+
+    let (hub, hubd) = storm_hubd(hub, &devices, &cfg, args.limit)
+        .await
+        .context("storm against hubd")?;
+    let mut mosquitto = Mosquitto::start(&mosquitto_bin, &hub.state_dir.join("ca"), &devices[0].0)
+        .await
+        .context("start mosquitto")?;
+    let mosq = storm_mosquitto(&mut mosquitto, &devices, &cfg, args.limit)
+        .await
+        .context("storm against mosquitto");
+    mosquitto.stop().await;
+    let mosq = mosq?;
+    hub.stop().await.context("stop hubd")?;
+
+    print_storm_table(
+        &args,
+        &cfg,
+        &mosquitto_version,
+        (admission_rate, admission_burst),
+        idle_rss,
+        &[hubd, mosq],
+    );
+    Ok(())
+}
+
+async fn storm_hubd(
+    hub: TestHub,
+    devices: &[(DeviceIdentity, Kind)],
+    cfg: &FleetConfig,
+    limit: Duration,
+) -> anyhow::Result<(TestHub, StormResult)> {
+    eprintln!(
+        "hubbench: connecting {} devices to hubd (power-on spread {:?})",
+        devices.len(),
+        cfg.start_spread
+    );
+    let (fleet, connect_all) = connect_fleet(devices, hub.mqtt_addr, cfg, limit).await?;
+    let me = std::process::id();
+    let before = fleet.stats();
+    let peak_is_per_run = reset_peak(me);
+    let cpu0 = cpu_time(me)?;
+    eprintln!("hubbench: restarting hubd on {}", hub.mqtt_addr);
+    let t0 = Instant::now();
+    let stopped = hub.stop_for_restart().await.context("stop hubd")?;
+    let hub = stopped.start_again().await.context("start hubd again")?;
+    let down = t0.elapsed();
+    // Meanwhile, the hub's completed handshakes per second (its side of the
+    // pacing), from its status counters, and how long Status takes to answer.
+    let mut samples: Vec<(Instant, u64)> = vec![(t0, 0)];
+    let mut slowest_status = Duration::ZERO;
+    let sample = async {
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let asked = Instant::now();
+            if let Ok(status) = hub.status().await {
+                slowest_status = slowest_status.max(asked.elapsed());
+                let ok = status.counters.unwrap_or_default().handshakes_ok;
+                samples.push((Instant::now(), ok));
+            }
+        }
+    };
+    let (back, back_count) = tokio::select! {
+        result = wait_back(&fleet, t0, limit) => result,
+        () = sample => unreachable!("the sampler loops until the fleet is back"),
+    };
+    let bench_cpu = cpu_time(me)?.saturating_sub(cpu0);
+    let bench_rss = rss_kib(me)?;
+    let delta = stats_delta(&fleet.stats(), &before);
+    let histogram = fleet.attempt_histogram(t0, Duration::from_secs(1));
+    let hub_counters = Some(hub.status().await?.counters.unwrap_or_default());
+    // Rates between consecutive samples, which are about a second apart
+    // unless Status was slow to answer.
+    let handshakes = samples
+        .windows(2)
+        .map(|w| {
+            let (t1, ok1) = w[0];
+            let (t2, ok2) = w[1];
+            ok2.saturating_sub(ok1) as f64 / (t2 - t1).as_secs_f64().max(1e-3)
+        })
+        .collect();
+    fleet.stop().await;
+    Ok((
+        hub,
+        StormResult {
+            broker: Broker::Hubd,
+            connect_all,
+            down,
+            back,
+            back_count,
+            histogram,
+            delta,
+            hub_counters,
+            hub_handshakes: Some(handshakes),
+            slowest_status: Some(slowest_status),
+            broker_cpu: None,
+            bench_cpu,
+            broker_rss: None,
+            bench_rss,
+            peak_is_per_run,
+        },
+    ))
+}
+
+async fn storm_mosquitto(
+    mosquitto: &mut Mosquitto,
+    devices: &[(DeviceIdentity, Kind)],
+    cfg: &FleetConfig,
+    limit: Duration,
+) -> anyhow::Result<StormResult> {
+    eprintln!(
+        "hubbench: connecting {} devices to mosquitto (power-on spread {:?})",
+        devices.len(),
+        cfg.start_spread
+    );
+    let (fleet, connect_all) = connect_fleet(devices, mosquitto.addr, cfg, limit).await?;
+    let me = std::process::id();
+    let before = fleet.stats();
+    let peak_is_per_run = reset_peak(me);
+    let cpu0 = cpu_time(me)?;
+    let broker_cpu0 = cpu_time(mosquitto.pid)?;
+    eprintln!(
+        "hubbench: killing and restarting mosquitto on {}",
+        mosquitto.addr
+    );
+    let t0 = Instant::now();
+    let killed_cpu = mosquitto.kill_and_restart().await?;
+    wait_listening(mosquitto.addr, SETUP_WAIT).await?;
+    let down = t0.elapsed();
+    let (back, back_count) = wait_back(&fleet, t0, limit).await;
+    mosquitto.check_alive()?;
+    let bench_cpu = cpu_time(me)?.saturating_sub(cpu0);
+    let broker_cpu = killed_cpu.saturating_sub(broker_cpu0) + cpu_time(mosquitto.pid)?;
+    let broker_rss = Some(rss_kib(mosquitto.pid)?);
+    let bench_rss = rss_kib(me)?;
+    let delta = stats_delta(&fleet.stats(), &before);
+    let histogram = fleet.attempt_histogram(t0, Duration::from_secs(1));
+    fleet.stop().await;
+    Ok(StormResult {
+        broker: Broker::Mosquitto,
+        connect_all,
+        down,
+        back,
+        back_count,
+        histogram,
+        delta,
+        hub_counters: None,
+        hub_handshakes: None,
+        slowest_status: None,
+        broker_cpu: Some(broker_cpu),
+        bench_cpu,
+        broker_rss,
+        bench_rss,
+        peak_is_per_run,
+    })
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+fn print_storm_table(
+    args: &StormArgs,
+    cfg: &FleetConfig,
+    mosquitto_version: &str,
+    (admission_rate, admission_burst): (u32, u32),
+    idle_rss: (u64, u64),
+    results: &[StormResult],
+) {
+    let n = args.devices;
+    println!(
+        "storm: {n} devices ({} sensors at {} msg/s, {} switches), full-jitter backoff base {:?} \
+         cap {:?} reset after {:?} stable, power-on spread {:?}; loopback, mTLS (TLS 1.3); {mosquitto_version}",
+        n.div_ceil(2),
+        cfg.rate,
+        n / 2,
+        cfg.backoff_base,
+        cfg.backoff_cap,
+        cfg.backoff_stable,
+        cfg.start_spread
+    );
+    print!("{:<40}", "");
+    for r in results {
+        print!(" {:>16}", r.broker.name());
+    }
+    println!();
+    let line = |name: &str, cell: &dyn Fn(&StormResult) -> String| {
+        print!("{name:<40}");
+        for r in results {
+            print!(" {:>16}", cell(r));
+        }
+        println!();
+    };
+    let na = || "n/a".to_owned();
+    line("initial connect, all devices", &|r| secs(r.connect_all));
+    line("broker away (stop -> accepting)", &|r| secs(r.down));
+    line("time until 100% back (from stop)", &|r| {
+        r.back.map_or_else(|| "NOT BACK".to_owned(), secs)
+    });
+    line("devices back", &|r| format!("{}/{n}", r.back_count));
+    line("connection attempts", &|r| r.delta.attempts.to_string());
+    line("peak attempts/s (device side)", &|r| {
+        r.histogram.iter().max().copied().unwrap_or(0).to_string()
+    });
+    line("failed attempts", &|r| r.delta.failures.to_string());
+    line("refused busy (CONNACK 3)", &|r| r.delta.busy.to_string());
+    line("hub: admitted / deferred / refused", &|r| {
+        r.hub_counters.as_ref().map_or_else(na, |c| {
+            format!(
+                "{}/{}/{}",
+                c.connections_admitted, c.connections_deferred, c.connections_refused
+            )
+        })
+    });
+    line("peak handshakes/s (broker side)", &|r| {
+        r.hub_handshakes.as_ref().map_or_else(
+            || "= attempts".to_owned(),
+            |h| format!("{:.0}", h.iter().copied().fold(0.0, f64::max)),
+        )
+    });
+    line("hub: TLS handshakes ok / failed", &|r| {
+        r.hub_counters.as_ref().map_or_else(na, |c| {
+            format!("{}/{}", c.handshakes_ok, c.handshakes_failed)
+        })
+    });
+    line("devices that gave up", &|r| r.delta.gave_up.to_string());
+    line("CPU: broker process", &|r| {
+        r.broker_cpu.map_or_else(na, secs)
+    });
+    line("CPU: hubbench process", &|r| secs(r.bench_cpu));
+    line("RSS: broker process end / peak", &|r| {
+        r.broker_rss
+            .map_or_else(na, |(end, peak)| format!("{}/{}", mib0(end), mib0(peak)))
+    });
+    line("RSS: hubbench process end / peak", &|r| {
+        let star = if r.peak_is_per_run { "" } else { "*" };
+        format!("{}/{}{star}", mib0(r.bench_rss.0), mib0(r.bench_rss.1))
+    });
+    println!("attempts per second from the stop on:");
+    for r in results {
+        let shown: Vec<String> = r.histogram.iter().take(40).map(u64::to_string).collect();
+        let more = if r.histogram.len() > 40 { " ..." } else { "" };
+        println!("  {:<10} [{}]{more}", r.broker.name(), shown.join(" "));
+    }
+    for r in results {
+        if let Some(h) = &r.hub_handshakes {
+            let shown: Vec<String> = h.iter().take(40).map(|x| format!("{x:.0}")).collect();
+            println!(
+                "  {:<10} handshakes/s (hub side) [{}]",
+                r.broker.name(),
+                shown.join(" ")
+            );
+        }
+    }
+    println!("notes:");
+    for r in results {
+        if let Some(slowest) = r.slowest_status {
+            println!(
+                "  {}: the slowest Status answer during the storm took {:.2} s",
+                r.broker.name(),
+                slowest.as_secs_f64()
+            );
+        }
+    }
+    println!(
+        "  hubd runs in this process with its shipped admission settings ({admission_rate}/s, burst \
+         {admission_burst}; a connection waits up to 2 s for a token, else it is closed before the \
+         handshake); mosquitto has no pacing"
+    );
+    println!(
+        "  hubd 'CPU: hubbench process' is hub + {n} clients; on the mosquitto run the same process \
+         is the clients (and an idle hub), so hubd's own share is roughly the difference"
+    );
+    println!(
+        "  hubd restart = graceful stop (sessions told) + start on the same state dir and address, \
+         retained state restored; mosquitto restart = SIGKILL + start on the same port"
+    );
+    println!(
+        "  hubbench RSS before any fleet (hub idle, {n} devices enrolled): {}",
+        mib0(idle_rss.0)
+    );
+    if results.iter().any(|r| !r.peak_is_per_run) {
+        println!("  * peak since process start (the kernel refused to reset VmHWM)");
+    }
+}
+
+fn mib0(kib: u64) -> String {
+    format!("{:.0} MiB", kib as f64 / 1024.0)
+}
+
+/// Waits until `addr` accepts TCP connections (a plain connect, closed at
+/// once: no TLS, so it is not one of the devices' attempts).
+async fn wait_listening(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while TcpStream::connect(addr).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on {addr} within {limit:?}");
+        }
+        // Polling the readiness condition; a restarted broker binds within
+        // milliseconds.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
 }

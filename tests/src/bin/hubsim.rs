@@ -11,14 +11,32 @@
 //! device in DIR over mTLS, renews its certificate first if less than 30
 //! days remain (writing the new one into DIR), publishes its state
 //! (retained) and disconnects.
+//!
+//! `hubsim run --devices N [--kinds sensor,switch] [--rate R] [--socket PATH]
+//! [--host H --port P] [--dir DIR] [--backoff-base 1s --backoff-cap 60s]
+//! [--enroll] [--duration D]` runs a fleet ([`hub_tests::sim`]): devices it
+//! has no identity for in DIR/<n>/ are paired through the admin socket (a
+//! pairing window each, then the device half of pairing; `--enroll` uses
+//! factory enrolment instead), the rest are reused. It runs until Ctrl-C or
+//! SIGTERM (or for `--duration`), prints a live one-line summary every
+//! second on stderr and a summary table on stdout at exit.
+//!
+//! `hubsim outage --devices N --down 10s ...` runs the same fleet, waits
+//! until every device is connected, takes the network away from all of them
+//! at once for `--down`, and reports how long the fleet took to be 100% back
+//! and how many connection attempts per second reached the hub meanwhile.
 
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+use hub_proto::v1 as pb;
 use hub_tests::DeviceEvent;
 use hub_tests::pair::{self, PairError};
+use hub_tests::sim::{self, Fleet, FleetConfig, FleetStats, Kind, Provisioning};
 
 #[derive(Parser)]
 #[command(name = "hubsim", about = "A simulated hubd device", version)]
@@ -33,6 +51,77 @@ enum Command {
     Pair(PairArgs),
     /// Connect as a paired device, renew if due, publish state once.
     Connect(ConnectArgs),
+    /// Run a fleet of simulated devices until stopped.
+    Run(RunArgs),
+    /// Run a fleet, drop every device's network at once, measure the return.
+    Outage(OutageArgs),
+}
+
+#[derive(Args)]
+struct FleetArgs {
+    /// How many devices to run.
+    #[arg(long, default_value_t = 10)]
+    devices: usize,
+    /// Device kinds, used in turn.
+    #[arg(long, value_delimiter = ',', default_value = "sensor,switch")]
+    kinds: Vec<Kind>,
+    /// State messages per second per sensor (fractional is fine; 0: only on connect).
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// hubd's admin socket (default: where hubctl looks).
+    #[arg(long, env = "HUBD_SOCKET")]
+    socket: Option<PathBuf>,
+    /// The hub's MQTT host (default: from the hub's status); also replaces
+    /// the host in pairing URIs.
+    #[arg(long)]
+    host: Option<String>,
+    /// The hub's MQTT port (default: from the hub's status).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Where device identities live, one directory per device
+    /// (default: $XDG_DATA_HOME/hubsim or ~/.local/share/hubsim).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Reconnect backoff: the first window.
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    backoff_base: Duration,
+    /// Reconnect backoff: the largest window.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    backoff_cap: Duration,
+    /// Each device waits a random time up to this before its first attempt.
+    #[arg(long, default_value = "0s", value_parser = duration)]
+    start_spread: Duration,
+    /// Provision missing devices with EnrollDevice (factory enrolment)
+    /// instead of pairing windows: fast, but not the householder's path.
+    #[arg(long)]
+    enroll: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    fleet: FleetArgs,
+    /// Stop after this long instead of waiting for Ctrl-C or SIGTERM.
+    #[arg(long, value_parser = duration)]
+    duration: Option<Duration>,
+}
+
+#[derive(Args)]
+struct OutageArgs {
+    #[command(flatten)]
+    fleet: FleetArgs,
+    /// How long the network stays away.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    down: Duration,
+    /// Longest wait for the fleet to connect, and again to come back.
+    #[arg(long, default_value = "180s", value_parser = duration)]
+    timeout: Duration,
+}
+
+/// Parses "500ms", "10s", "5m", "1h" as hubd's config does.
+fn duration(text: &str) -> Result<Duration, String> {
+    hubd::config::parse_duration(text)
+        .ok_or_else(|| format!("{text:?}: expected a whole number and ms, s, m or h"))
 }
 
 #[derive(Args)]
@@ -67,12 +156,15 @@ struct PairArgs {
     timeout: u64,
 }
 
-#[tokio::main(flavor = "current_thread")]
+// Multi-threaded: a fleet is many devices' TLS and MQTT at once.
+#[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Pair(args) => run_pair(args).await,
         Command::Connect(args) => run_connect(args).await,
+        Command::Run(args) => run_fleet(args).await,
+        Command::Outage(args) => run_outage(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -143,4 +235,359 @@ async fn run_connect(args: ConnectArgs) -> Result<(), String> {
     let _ = device.disconnected().await;
     println!("{}", current.id);
     Ok(())
+}
+
+/// The admin socket hubctl would use, in the same order: systemd's runtime
+/// directory, the packaged hub's socket if it exists, then the per-user
+/// places a hand-started hubd picks.
+fn default_socket() -> PathBuf {
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
+    if let Some(dirs) = std::env::var_os("RUNTIME_DIRECTORY").filter(|v| !v.is_empty()) {
+        // systemd joins several RuntimeDirectory= entries with ':'.
+        let first = dirs.to_string_lossy().split(':').next().map(PathBuf::from);
+        if let Some(dir) = first.filter(|p| p.is_absolute()) {
+            return dir.join("hubd.sock");
+        }
+    }
+    let system = PathBuf::from("/run/hubd/hubd.sock");
+    if system.exists() {
+        return system;
+    }
+    if let Some(dir) = var("XDG_RUNTIME_DIR") {
+        return dir.join("hubd").join("hubd.sock");
+    }
+    if let Some(dir) = var("XDG_DATA_HOME") {
+        return dir.join("hubd").join("hubd.sock");
+    }
+    if let Some(home) = var("HOME") {
+        return home.join(".local/share/hubd/hubd.sock");
+    }
+    system
+}
+
+/// Where device identities live by default.
+fn default_dir() -> Result<PathBuf, String> {
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
+    if let Some(dir) = var("XDG_DATA_HOME") {
+        return Ok(dir.join("hubsim"));
+    }
+    if let Some(home) = var("HOME") {
+        return Ok(home.join(".local/share/hubsim"));
+    }
+    Err("no --dir, and neither $XDG_DATA_HOME nor $HOME is set".to_owned())
+}
+
+/// A running fleet and what it was started with.
+struct Running {
+    fleet: Fleet,
+    addr: SocketAddr,
+    kinds: Vec<Kind>,
+}
+
+/// Provisions the devices, finds the hub's MQTT address and starts the fleet.
+async fn start_fleet(args: &FleetArgs) -> Result<Running, String> {
+    if args.devices == 0 {
+        return Err("--devices must be at least 1".to_owned());
+    }
+    if args.kinds.is_empty() {
+        return Err("--kinds names no kind".to_owned());
+    }
+    if !args.rate.is_finite() || args.rate < 0.0 {
+        return Err(format!("--rate {}: must be a number >= 0", args.rate));
+    }
+    if args.backoff_base.is_zero() || args.backoff_cap < args.backoff_base {
+        return Err("--backoff-base must be > 0 and at most --backoff-cap".to_owned());
+    }
+    let socket = args.socket.clone().unwrap_or_else(default_socket);
+    let dir = match &args.dir {
+        Some(dir) => dir.clone(),
+        None => default_dir()?,
+    };
+    let how = if args.enroll {
+        Provisioning::Enroll
+    } else {
+        Provisioning::Pair {
+            host: args.host.clone(),
+        }
+    };
+    let tty = std::io::stderr().is_terminal();
+    let devices = sim::provision(&socket, &dir, args.devices, &args.kinds, &how, |done, n| {
+        if tty {
+            eprint!("\rhubsim: devices ready {done}/{n}");
+        }
+    })
+    .await
+    .map_err(|e| format!("provision devices in {}: {e:#}", dir.display()))?;
+    if tty {
+        eprintln!();
+    }
+    let addr = mqtt_addr(args, &socket).await?;
+    let cfg = FleetConfig {
+        rate: args.rate,
+        backoff_base: args.backoff_base,
+        backoff_cap: args.backoff_cap,
+        start_spread: args.start_spread,
+        ..FleetConfig::default()
+    };
+    eprintln!(
+        "hubsim: {} devices from {} against {addr}",
+        devices.len(),
+        dir.display()
+    );
+    Ok(Running {
+        fleet: Fleet::start(devices, addr, cfg),
+        addr,
+        kinds: args.kinds.clone(),
+    })
+}
+
+/// The MQTT address: `--host`/`--port`, the rest from the hub's `Status`.
+/// An unspecified listen address (0.0.0.0, ::) is reached on loopback.
+async fn mqtt_addr(args: &FleetArgs, socket: &Path) -> Result<SocketAddr, String> {
+    let from_status = if args.host.is_none() || args.port.is_none() {
+        let mut admin = hub_proto::admin_client(socket)
+            .await
+            .map_err(|e| format!("cannot reach hubd at {}: {e}", socket.display()))?;
+        let status = admin
+            .status(pb::StatusRequest {})
+            .await
+            .map_err(|e| format!("status: {}", e.message()))?
+            .into_inner();
+        let listen: SocketAddr = status
+            .mqtt_listen
+            .parse()
+            .map_err(|e| format!("the hub's mqtt_listen {:?}: {e}", status.mqtt_listen))?;
+        Some(listen)
+    } else {
+        None
+    };
+    let port = match (args.port, from_status) {
+        (Some(port), _) => port,
+        (None, Some(listen)) => listen.port(),
+        (None, None) => unreachable!("the status is read when --port is missing"),
+    };
+    let ip = match (&args.host, from_status) {
+        (Some(host), _) => match host.parse::<IpAddr>() {
+            Ok(ip) => ip,
+            // A name: resolved once here; the devices only ever see the address.
+            Err(_) => tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map_err(|e| format!("{host}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{host}: no address"))?
+                .ip(),
+        },
+        (None, Some(listen)) if listen.ip().is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        (None, Some(listen)) => listen.ip(),
+        (None, None) => unreachable!("the status is read when --host is missing"),
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => Some(term),
+        Err(e) => {
+            eprintln!("hubsim: cannot watch SIGTERM ({e}); Ctrl-C still stops");
+            None
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        Some(_) = async {
+            match &mut term {
+                Some(term) => term.recv().await,
+                None => std::future::pending().await,
+            }
+        } => {}
+    }
+}
+
+fn kinds_summary(fleet: &Fleet, kinds: &[Kind]) -> String {
+    let devices = fleet.devices();
+    kinds
+        .iter()
+        .map(|k| format!("{} {k}", devices.iter().filter(|(_, d)| d == k).count()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn peak(histogram: &[u64]) -> u64 {
+    histogram.iter().copied().max().unwrap_or(0)
+}
+
+/// Prints one `name  value` row of a summary table.
+fn row(name: &str, value: impl std::fmt::Display) {
+    println!("  {name:<28} {value}");
+}
+
+async fn run_fleet(args: RunArgs) -> Result<(), String> {
+    let Running { fleet, addr, kinds } = start_fleet(&args.fleet).await?;
+    let started = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let until = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    let mut last = (Instant::now(), fleet.stats());
+    let mut peak_connected = 0;
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            () = async {
+                match until {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => break,
+            _ = ticker.tick() => {
+                let now = (Instant::now(), fleet.stats());
+                let messages = (now.1.published + now.1.received)
+                    .saturating_sub(last.1.published + last.1.received);
+                let rate = messages as f64 / (now.0 - last.0).as_secs_f64().max(1e-3);
+                peak_connected = peak_connected.max(now.1.connected);
+                let line = format!(
+                    "connected {}/{}  msgs/s {rate:.1}  reconnects {}  busy {}",
+                    now.1.connected, now.1.devices, now.1.reconnects, now.1.busy
+                );
+                if tty {
+                    // Overwrites the line in place; the padding clears a longer one.
+                    eprint!("\r{line:<60}");
+                    let _ = std::io::stderr().flush();
+                } else {
+                    eprintln!("{line}");
+                }
+                last = now;
+            }
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    let at_stop = fleet.stats();
+    peak_connected = peak_connected.max(at_stop.connected);
+    let elapsed = started.elapsed();
+    let histogram = fleet.attempt_histogram(started, Duration::from_secs(1));
+    let kinds = kinds_summary(&fleet, &kinds);
+    fleet.stop().await;
+    println!(
+        "hubsim run: {} devices ({kinds}) for {:.1} s against {addr}",
+        at_stop.devices,
+        elapsed.as_secs_f64()
+    );
+    print_stats(&at_stop, peak_connected, elapsed, peak(&histogram));
+    Ok(())
+}
+
+fn print_stats(s: &FleetStats, peak_connected: usize, elapsed: Duration, peak_attempts: u64) {
+    let secs = elapsed.as_secs_f64().max(1e-3);
+    row(
+        "connected at exit",
+        format!("{}/{}", s.connected, s.devices),
+    );
+    row(
+        "connected (peak)",
+        format!("{peak_connected}/{}", s.devices),
+    );
+    row("connects", s.connects);
+    row("reconnects", s.reconnects);
+    row("connection attempts", s.attempts);
+    row("failed attempts", s.failures);
+    row("busy refusals", s.busy);
+    row("peak attempts/s", peak_attempts);
+    row("sessions ended", s.disconnects);
+    row("messages published", s.published);
+    row("messages received", s.received);
+    row("commands obeyed", s.commands);
+    row(
+        "published msgs/s",
+        format!("{:.1}", s.published as f64 / secs),
+    );
+    row("devices that gave up", s.gave_up);
+}
+
+async fn run_outage(args: OutageArgs) -> Result<(), String> {
+    let Running { fleet, addr, kinds } = start_fleet(&args.fleet).await?;
+    let n = fleet.len();
+    eprintln!("hubsim: waiting for all {n} devices to connect");
+    fleet
+        .wait_connected(n, args.timeout)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    let before = fleet.stats();
+
+    eprintln!("hubsim: network down for {:.1} s", args.down.as_secs_f64());
+    let down_at = Instant::now();
+    fleet.set_network(false);
+    fleet
+        .wait_until("every session dropped", args.timeout, |f| {
+            f.stats().connected == 0
+        })
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    // The outage itself is the scenario's length, not a wait for a condition.
+    tokio::time::sleep(args.down.saturating_sub(down_at.elapsed())).await;
+    let during = fleet.stats();
+
+    eprintln!("hubsim: network back; waiting for every device");
+    let up_at = Instant::now();
+    fleet.set_network(true);
+    let back = fleet
+        .wait_until("every device back", args.timeout, |f| {
+            f.connected_since(up_at) == n
+        })
+        .await;
+    let after = fleet.stats();
+    let back_at = fleet.last_connected_at();
+    let histogram = fleet.attempt_histogram(up_at, Duration::from_secs(1));
+    let kinds = kinds_summary(&fleet, &kinds);
+    let back_count = fleet.connected_since(up_at);
+    fleet.stop().await;
+
+    println!(
+        "hubsim outage: {n} devices ({kinds}) against {addr}, network down {:.1} s, \
+         backoff base {:?} cap {:?}",
+        args.down.as_secs_f64(),
+        args.fleet.backoff_base,
+        args.fleet.backoff_cap
+    );
+    row("sessions dropped", during.disconnects - before.disconnects);
+    row(
+        "attempts blocked while down",
+        during.blocked - before.blocked,
+    );
+    match (&back, back_at) {
+        (Ok(()), Some(at)) => row(
+            "100% back after",
+            format!(
+                "{:.1} s after the network returned",
+                (at - up_at).as_secs_f64()
+            ),
+        ),
+        _ => row(
+            "100% back after",
+            format!("NOT within {:?}: {back_count}/{n} back", args.timeout),
+        ),
+    }
+    row("attempts after return", after.attempts - during.attempts);
+    row(
+        "failed attempts after return",
+        after.failures - during.failures,
+    );
+    row("busy refusals after return", after.busy - during.busy);
+    row("peak attempts/s after return", peak(&histogram));
+    row("attempts per second", format!("{histogram:?}"));
+    row("devices that gave up", after.gave_up);
+    back.map_err(|e| format!("{e:#}"))
 }
