@@ -308,3 +308,33 @@ async fn a_subscriber_that_stops_reading_loses_qos0_messages_counted_and_nobody_
     assert_eq!(fast.next_message().await.unwrap().1, b"ok");
     drop(slow);
 }
+
+#[tokio::test]
+async fn a_full_hub_answers_server_busy() {
+    let hub = TestHub::start_with(|c| c.edge.max_connections = 1)
+        .await
+        .unwrap();
+    let a = hub.enroll("a").await.unwrap();
+    let b = hub.enroll("b").await.unwrap();
+    let _first = SimDevice::connect(&a, hub.mqtt_addr).await.unwrap();
+    let cfg = b.client_config().unwrap();
+    // 3.1.1: return code 3 (server unavailable); 5: 0x89 (server busy).
+    assert_eq!(
+        raw::try_connect(hub.mqtt_addr, cfg.clone(), &raw::connect_v4(&b.id)).await,
+        raw::Outcome::ConnAck(3)
+    );
+    assert_eq!(
+        raw::try_connect(hub.mqtt_addr, cfg, &raw::connect_v5(&b.id)).await,
+        raw::Outcome::ConnAck(0x89)
+    );
+    // The device already connected may reconnect (a takeover is not a new slot).
+    assert!(
+        raw::try_connect(
+            hub.mqtt_addr,
+            a.client_config().unwrap(),
+            &raw::connect_v4(&a.id)
+        )
+        .await
+        .is_success()
+    );
+}
