@@ -82,8 +82,9 @@ pub async fn bind_mqtt(addr: std::net::SocketAddr) -> std::io::Result<TcpListene
     TcpListener::bind(addr).await
 }
 
-/// Creates the state dir 0700 if missing; refuses one that group or others can enter.
-fn prepare_state_dir(path: &Path) -> Result<(), Error> {
+/// Creates the state dir 0700 if missing; refuses one that group or others can
+/// enter. `main` calls it before binding the admin socket, which may live in it.
+pub fn prepare_state_dir(path: &Path) -> Result<(), Error> {
     let err = |source| Error::StateDir {
         path: path.to_owned(),
         source,

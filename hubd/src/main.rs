@@ -107,6 +107,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     let env = |k: &str| std::env::var_os(k);
     let state_dir = config.resolve_state_dir(&env)?;
     let socket = config.resolve_socket(&state_dir, &env);
+    // Before the socket is bound: without a runtime dir the socket lives in
+    // the state dir, which must be created 0700, not as a socket's parent.
+    hubd::daemon::prepare_state_dir(&state_dir)?;
     config.hub.state_dir = Some(state_dir);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -428,3 +428,39 @@ fn kill_9_during_writes_loses_nothing_acknowledged() {
         acked.enrolled.len()
     );
 }
+
+#[test]
+fn a_fresh_user_without_a_runtime_dir_gets_a_private_state_dir_and_a_working_socket() {
+    // What `cargo run --release --bin hubd` meets on a machine with no
+    // XDG_RUNTIME_DIR (ssh without a login session, containers): no flags at
+    // all but a free port.
+    let home = tempfile::tempdir().unwrap();
+    let notify_path = home.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(WAIT)).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_hubd"))
+        .args(["--listen", "127.0.0.1:0"])
+        .env_clear()
+        .env("HOME", home.path())
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mqtt = wait_ready(&notify);
+    let state = home.path().join(".local/share/hubd");
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    let socket = state.join("hubd.sock");
+    rt().block_on(async {
+        let mut admin = hub_proto::admin_client(&socket).await.unwrap();
+        admin.status(pb::StatusRequest {}).await.unwrap();
+    });
+    let (status, ..) = terminate(Hubd {
+        child,
+        notify,
+        mqtt,
+        socket,
+    });
+    assert!(status.success());
+}
