@@ -540,6 +540,8 @@ impl EdgeHandle {
         }
         let (out, out_rx) = mpsc::channel(1024);
         let shared = self.shared.clone();
+        let mut gaps = GapCounter::default();
+        gaps.subscribed(&escape_dollar(filter));
         tokio::spawn(async move {
             loop {
                 let n = tokio::select! {
@@ -549,6 +551,11 @@ impl EdgeHandle {
                 };
                 match n {
                     Ok(Some(Notification::Forward(f))) => {
+                        let lost = gaps.seen(&f.publish.topic, f.cursor);
+                        shared
+                            .counters
+                            .dropped_slow_subscriber
+                            .fetch_add(lost, Ordering::Relaxed);
                         let message = Message {
                             topic: String::from_utf8_lossy(&unescape_dollar_bytes(
                                 f.publish.topic.clone(),
@@ -602,7 +609,10 @@ fn router_config(cfg: &EdgeSection) -> RouterConfig {
     RouterConfig {
         // Device sessions plus the hub's own link and some slack for takeovers.
         max_connections: cfg.max_connections + 16,
-        max_outgoing_packet_count: 200,
+        // How much the router hands a connection per scheduling round: the
+        // edge drains it at once into its own bounded queue, and small
+        // rounds let a busy subscriber fall behind inside the router.
+        max_outgoing_packet_count: cfg.outgoing_queue as u64,
         // Each topic filter's log holds at most 4 segments of 1 MiB (and at
         // least one max-size packet), so a slow QoS 1 subscriber's backlog is
         // bounded.
@@ -1108,6 +1118,51 @@ fn publish_pkid(publish: &Publish) -> u16 {
     u16::from_be_bytes([raw[1], raw[2]])
 }
 
+/// Counts messages the router evicted from a filter's log before a lagging
+/// subscriber read them. Each filter's log numbers its messages with
+/// consecutive absolute offsets (the second half of `Forward::cursor`), so a
+/// forward that skips offsets means the skipped ones were lost to this
+/// subscriber. A message matching several of the subscriber's filters cannot
+/// be attributed to one log and is not checked.
+#[derive(Default)]
+struct GapCounter {
+    /// Router-side filter -> the last absolute offset read from its log.
+    last: HashMap<String, Option<u64>>,
+}
+
+impl GapCounter {
+    fn subscribed(&mut self, filter: &str) {
+        // A new subscription starts wherever the log is: no baseline yet.
+        self.last.insert(filter.to_owned(), None);
+    }
+
+    fn unsubscribed(&mut self, filter: &str) {
+        self.last.remove(filter);
+    }
+
+    /// Records a forwarded message; returns how many were skipped before it.
+    fn seen(&mut self, topic: &[u8], cursor: Option<(u64, u64)>) -> u64 {
+        // Retained messages come with no cursor; they are not in a log.
+        let (Some((_, offset)), Ok(topic)) = (cursor, std::str::from_utf8(topic)) else {
+            return 0;
+        };
+        let mut matching = self
+            .last
+            .iter_mut()
+            .filter(|(filter, _)| acl::topic_matches(filter, topic));
+        let (Some((_, last)), None) = (matching.next(), matching.next()) else {
+            return 0;
+        };
+        let lost = match *last {
+            Some(prev) if offset > prev + 1 => offset - prev - 1,
+            _ => 0,
+        };
+        // Retransmissions can go backwards; the high-water mark stays.
+        *last = Some(last.map_or(offset, |prev| prev.max(offset)));
+        lost
+    }
+}
+
 /// One session's mutable state, owned by its task.
 struct Conn {
     shared: Arc<Shared>,
@@ -1127,6 +1182,9 @@ struct Conn {
     pending_subs: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
     /// Refused PUBLISHes so far.
     violations: u32,
+    /// Where each subscribed filter's router log was last read, to count
+    /// what the router evicted before this subscriber read it.
+    gaps: GapCounter,
 }
 
 impl Conn {
@@ -1168,6 +1226,7 @@ impl Conn {
             Packet::Unsubscribe(mut u, p) => {
                 for filter in &mut u.filters {
                     *filter = escape_dollar(filter);
+                    self.gaps.unsubscribed(filter);
                 }
                 to_router.push(Packet::Unsubscribe(u, p));
                 Ok(())
@@ -1342,6 +1401,7 @@ impl Conn {
                         filter.qos = QoS::AtLeastOnce;
                     }
                     filter.path = escape_dollar(&filter.path);
+                    self.gaps.subscribed(&filter.path);
                     codes.push(None);
                     allowed.push(filter);
                 }
@@ -1453,6 +1513,13 @@ impl Conn {
     async fn notification(&mut self, n: Notification) -> Result<bool, End> {
         match n {
             Notification::Forward(mut forward) => {
+                let lost = self.gaps.seen(&forward.publish.topic, forward.cursor);
+                if lost > 0 {
+                    self.shared
+                        .counters
+                        .dropped_slow_subscriber
+                        .fetch_add(lost, Ordering::Relaxed);
+                }
                 forward.publish.topic = unescape_dollar_bytes(forward.publish.topic);
                 let qos0 = forward.publish.serialize()[0] & 0b0110 == 0;
                 if qos0 && self.out.capacity() <= RESERVED_SLOTS {
@@ -1762,6 +1829,7 @@ async fn session(
         link_rx,
         pending_subs: HashMap::new(),
         violations: 0,
+        gaps: GapCounter::default(),
     };
     let props = conn.codec.is_v5().then(|| ConnAckProperties {
         assigned_client_identifier: client_id.is_empty().then(|| id.to_string()),
@@ -1961,6 +2029,38 @@ mod tests {
             .build()
             .unwrap();
         (CertificateDer::from(issued.der), verifier, dir)
+    }
+
+    #[test]
+    fn gaps_in_a_filter_log_are_counted_once_and_only_when_attributable() {
+        let mut gaps = GapCounter::default();
+        assert_eq!(gaps.seen(b"d/a/state", Some((0, 1))), 0, "not subscribed");
+        gaps.subscribed("d/+/state");
+        assert_eq!(
+            gaps.seen(b"d/a/state", Some((0, 5))),
+            0,
+            "the first sets the baseline"
+        );
+        assert_eq!(gaps.seen(b"d/a/state", Some((0, 6))), 0);
+        assert_eq!(
+            gaps.seen(b"d/b/state", Some((1, 10))),
+            3,
+            "7, 8 and 9 were evicted"
+        );
+        assert_eq!(gaps.seen(b"d/a/state", Some((1, 8))), 0, "a retransmission");
+        assert_eq!(gaps.seen(b"d/a/state", Some((1, 11))), 0);
+        assert_eq!(gaps.seen(b"d/a/state", None), 0, "retained: no log");
+        gaps.subscribed("d/a/#");
+        assert_eq!(
+            gaps.seen(b"d/a/state", Some((1, 40))),
+            0,
+            "two filters match: not attributable"
+        );
+        assert_eq!(gaps.seen(b"d/a/event", Some((0, 3))), 0, "first from d/a/#");
+        assert_eq!(gaps.seen(b"d/a/event", Some((0, 5))), 1);
+        gaps.unsubscribed("d/a/#");
+        gaps.unsubscribed("d/+/state");
+        assert_eq!(gaps.seen(b"d/a/state", Some((2, 90))), 0);
     }
 
     #[test]
