@@ -462,6 +462,11 @@ impl Store {
 
     /// Every certificate issued to the device, revoked or not.
     pub fn certs_of(&self, id: &DeviceId) -> Result<Vec<CertRecord>, Error> {
+        self.certs_where(|c| c.device == *id)
+    }
+
+    /// Every certificate `keep` accepts, in serial order.
+    fn certs_where(&self, keep: impl Fn(&CertRecord) -> bool) -> Result<Vec<CertRecord>, Error> {
         let path = &*self.path;
         let txn = self.db.begin_read().ctx(path)?;
         let certs = txn.open_table(CERTS).ctx(path)?;
@@ -469,7 +474,7 @@ impl Store {
         for entry in certs.iter().ctx(path)? {
             let (key, value) = entry.ctx(path)?;
             let cert = self.decode_cert(key.value(), value.value())?;
-            if cert.device == *id {
+            if keep(&cert) {
                 out.push(cert);
             }
         }
@@ -596,18 +601,7 @@ impl Store {
 
     /// Every revoked certificate: the content of the next CRL.
     pub fn revoked_certs(&self) -> Result<Vec<CertRecord>, Error> {
-        let path = &*self.path;
-        let txn = self.db.begin_read().ctx(path)?;
-        let certs = txn.open_table(CERTS).ctx(path)?;
-        let mut out = Vec::new();
-        for entry in certs.iter().ctx(path)? {
-            let (key, value) = entry.ctx(path)?;
-            let cert = self.decode_cert(key.value(), value.value())?;
-            if cert.revoked_at.is_some() {
-                out.push(cert);
-            }
-        }
-        Ok(out)
+        self.certs_where(|c| c.revoked_at.is_some())
     }
 
     /// The certificate with this serial (lowercase hex), if any.
