@@ -329,65 +329,53 @@ fn parse_filter(s: &str) -> Result<String, &'static str> {
     }
 }
 
-/// A device id as typed by the user: non-empty, no whitespace or control characters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct DeviceId(String);
+/// An id as typed by the user (`$what` in messages): non-empty, no
+/// whitespace or control characters. One macro, so device and claim ids
+/// cannot drift apart.
+macro_rules! typed_id {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub(crate) struct $name(String);
 
-impl DeviceId {
-    pub(crate) fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for DeviceId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl FromStr for DeviceId {
-    type Err = &'static str;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.is_empty() {
-            Err("a device id cannot be empty")
-        } else if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            Err("a device id has no spaces or control characters")
-        } else {
-            Ok(Self(s.to_owned()))
+        impl $name {
+            pub(crate) fn as_str(&self) -> &str {
+                &self.0
+            }
         }
-    }
-}
 
-/// A pairing window's claim id: non-empty, no whitespace or control characters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ClaimId(String);
-
-impl ClaimId {
-    pub(crate) fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for ClaimId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl FromStr for ClaimId {
-    type Err = &'static str;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.is_empty() {
-            Err("a claim id cannot be empty")
-        } else if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            Err("a claim id has no spaces or control characters")
-        } else {
-            Ok(Self(s.to_owned()))
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
         }
-    }
+
+        impl FromStr for $name {
+            type Err = &'static str;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                if s.is_empty() {
+                    Err(concat!("a ", $what, " cannot be empty"))
+                } else if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    Err(concat!("a ", $what, " has no spaces or control characters"))
+                } else {
+                    Ok(Self(s.to_owned()))
+                }
+            }
+        }
+    };
 }
+
+typed_id!(
+    /// A device id as typed by the user.
+    DeviceId,
+    "device id"
+);
+typed_id!(
+    /// A pairing window's claim id as typed by the user.
+    ClaimId,
+    "claim id"
+);
 
 /// A parsed command line with its socket path resolved.
 #[derive(Debug)]
