@@ -74,6 +74,12 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1))]
         qos: u32,
     },
+    /// Manage automation rules: apply a rules file, list, show, enable,
+    /// disable, remove, dry-run and see recent runs.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
     /// Print the messages hubd routes on topics matching FILTER, one line each.
     Watch {
         /// An MQTT topic filter, e.g. d/+/state or '#'.
@@ -151,6 +157,90 @@ pub(crate) enum DevicesCommand {
         #[command(flatten)]
         grants: GrantArgs,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RulesCommand {
+    /// Check FILE and make it the whole rule set: all of it or, on any
+    /// problem, none of it. Prints the rules added, changed and removed.
+    Apply {
+        /// A TOML rules file ("-" for standard input).
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the rules with their trigger and last run.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one rule: its counters and its stored TOML.
+    Show {
+        #[arg(value_parser = parse_rule_name)]
+        name: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let rules run again.
+    Enable {
+        #[arg(required = true, value_parser = parse_rule_name)]
+        names: Vec<String>,
+    },
+    /// Keep rules stored but stop them from running.
+    Disable {
+        #[arg(required = true, value_parser = parse_rule_name)]
+        names: Vec<String>,
+    },
+    /// Delete rules.
+    Remove {
+        #[arg(required = true, value_parser = parse_rule_name)]
+        names: Vec<String>,
+    },
+    /// Dry run: which rules in FILE the events would trigger, and what they
+    /// would do, against the hub's current device states. Sends nothing.
+    Test {
+        /// A TOML rules file ("-" for standard input).
+        file: PathBuf,
+        /// An event, in order (repeatable): d/ID/state=JSON,
+        /// d/ID/event/NAME=JSON, online:ID, offline:ID, start, or time:WHEN
+        /// (2026-11-23T07:30 local, or RFC 3339).
+        #[arg(long = "event", value_name = "EVENT", required = true)]
+        events: Vec<String>,
+        /// When the events happen, for time conditions [default: now].
+        #[arg(long, value_name = "WHEN")]
+        at: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent rule runs, newest first, with what each action did.
+    History {
+        /// Only this rule's runs.
+        #[arg(value_parser = parse_rule_name)]
+        rule: Option<String>,
+        /// How many runs to show.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        limit: u32,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A rule name as typed: 1 to 64 characters, no control characters.
+fn parse_rule_name(s: &str) -> Result<String, &'static str> {
+    if s.trim().is_empty() {
+        Err("a rule name cannot be empty")
+    } else if s.chars().count() > 64 {
+        Err("a rule name has at most 64 characters")
+    } else if s.chars().any(char::is_control) {
+        Err("a rule name has no control characters")
+    } else {
+        Ok(s.to_owned())
+    }
 }
 
 /// MQTT topic filters an integration may publish or subscribe to.

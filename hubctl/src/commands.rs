@@ -98,6 +98,7 @@ pub(crate) async fn execute(
             count,
             json,
         } => watch(filter, count, json, &inv.socket, out).await,
+        Command::Rules { command } => crate::rules::execute(command, &inv.socket, out).await,
     }
 }
 
@@ -130,9 +131,27 @@ async fn publish(
 
 /// Reads a payload file, or standard input for `-`, up to [`MAX_PAYLOAD_BYTES`].
 fn read_payload(what: &str, path: &Path) -> Result<Vec<u8>, Error> {
+    read_limited(what, path, MAX_PAYLOAD_BYTES)
+}
+
+/// Reads a UTF-8 text file, or standard input for `-`, up to `max` bytes.
+pub(crate) fn read_text_file(what: &str, path: &Path, max: u64) -> Result<String, Error> {
+    let bytes = read_limited(what, path, max)?;
+    String::from_utf8(bytes).map_err(|e| Error::File {
+        what: what.to_owned(),
+        path: path.to_path_buf(),
+        source: io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
+        ),
+    })
+}
+
+/// Reads a file, or standard input for `-`, refusing more than `max` bytes.
+fn read_limited(what: &str, path: &Path, max: u64) -> Result<Vec<u8>, Error> {
     let mut bytes = Vec::new();
     // One byte over the limit is enough to know the input is too large.
-    let limit = MAX_PAYLOAD_BYTES + 1;
+    let limit = max + 1;
     let read = if path == Path::new("-") {
         io::stdin().lock().take(limit).read_to_end(&mut bytes)
     } else {
@@ -143,11 +162,11 @@ fn read_payload(what: &str, path: &Path) -> Result<Vec<u8>, Error> {
         path: path.to_path_buf(),
         source,
     })?;
-    if bytes.len() as u64 > MAX_PAYLOAD_BYTES {
+    if bytes.len() as u64 > max {
         return Err(Error::TooLarge {
             what: what.to_owned(),
             path: path.to_path_buf(),
-            max: MAX_PAYLOAD_BYTES,
+            max,
         });
     }
     Ok(bytes)
@@ -666,7 +685,7 @@ fn write_new(path: &Path, contents: &[u8], force: bool, mode: u32) -> io::Result
 }
 
 /// Connects to hubd, telling "not running" (exit 3) from "not allowed" (exit 1).
-async fn connect(socket: &Path) -> Result<AdminClient<Channel>, Error> {
+pub(crate) async fn connect(socket: &Path) -> Result<AdminClient<Channel>, Error> {
     match tokio::time::timeout(CONNECT_TIMEOUT, hub_proto::admin_client(socket)).await {
         Ok(Ok(client)) => Ok(client),
         Ok(Err(e)) if is_permission_denied(&e) => Err(Error::SocketDenied {
@@ -693,7 +712,7 @@ fn is_permission_denied(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Awaits one RPC with [`RPC_TIMEOUT`], naming `what` in any error.
-async fn call<T>(
+pub(crate) async fn call<T>(
     what: &str,
     rpc: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T, Error> {
@@ -719,13 +738,13 @@ async fn call_within<T>(
     }
 }
 
-fn print(out: &mut dyn Write, text: &str) -> Result<(), Error> {
+pub(crate) fn print(out: &mut dyn Write, text: &str) -> Result<(), Error> {
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
         .map_err(Error::Output)
 }
 
-fn print_json(out: &mut dyn Write, value: &impl serde::Serialize) -> Result<(), Error> {
+pub(crate) fn print_json(out: &mut dyn Write, value: &impl serde::Serialize) -> Result<(), Error> {
     let mut text = serde_json::to_string_pretty(value).map_err(Error::Json)?;
     text.push('\n');
     print(out, &text)

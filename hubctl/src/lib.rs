@@ -14,6 +14,7 @@ use std::time::Duration;
 mod cli;
 mod commands;
 mod output;
+mod rules;
 mod socket;
 
 /// Exit code: the command succeeded.
@@ -154,7 +155,14 @@ fn status_text(status: &tonic::Status) -> String {
     if status.message().is_empty() {
         status.code().description().to_owned()
     } else {
-        output::sanitize(status.message())
+        // A message of several lines (every problem in a rules file) keeps
+        // its lines, each sanitised, the later ones indented under the first.
+        status
+            .message()
+            .lines()
+            .map(output::sanitize)
+            .collect::<Vec<_>>()
+            .join("\n  ")
     }
 }
 

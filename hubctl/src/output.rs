@@ -215,6 +215,24 @@ pub struct StatusView {
     pub mqtt_listen: String,
     /// What is wrong with the hub's clock; `null` while it looks right.
     pub clock_warning: Option<String>,
+    pub automation: AutomationView,
+}
+
+/// The rules engine in `status --json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutomationView {
+    pub rules: u64,
+    pub rules_enabled: u64,
+    /// Rule runs since hubd started.
+    pub runs: u64,
+    /// Runs refused by loop protection.
+    pub refused: u64,
+    /// Time-based rules wait until the system clock is set.
+    pub waiting_for_clock: bool,
+    /// Device events dropped before automation saw them.
+    pub events_dropped: u64,
+    /// Why the stored rules could not be loaded; `null` when they were.
+    pub problem: Option<String>,
 }
 
 /// The message counters of `status --json`; the meanings are those of `admin.proto`.
@@ -259,6 +277,18 @@ impl From<&v1::StatusResponse> for StatusView {
             ca_fingerprint: s.ca_fingerprint.clone(),
             mqtt_listen: s.mqtt_listen.clone(),
             clock_warning: (!s.clock_warning.is_empty()).then(|| s.clock_warning.clone()),
+            automation: {
+                let a = s.automation.clone().unwrap_or_default();
+                AutomationView {
+                    rules: a.rules,
+                    rules_enabled: a.rules_enabled,
+                    runs: a.runs,
+                    refused: a.refused,
+                    waiting_for_clock: a.waiting_for_clock,
+                    events_dropped: a.events_dropped,
+                    problem: (!a.problem.is_empty()).then_some(a.problem),
+                }
+            },
         }
     }
 }
@@ -759,6 +789,24 @@ pub fn status_details(s: &StatusView) -> String {
         ("sessions refused", c.sessions_refused.to_string()),
         ("protocol errors", c.protocol_errors.to_string()),
     ];
+    let a = &s.automation;
+    let mut rules = format!(
+        "{} ({} enabled), {} runs, {} refused by loop protection",
+        a.rules, a.rules_enabled, a.runs, a.refused
+    );
+    if a.events_dropped > 0 {
+        rules.push_str(&format!(", {} events missed", a.events_dropped));
+    }
+    rows.push(("rules", rules));
+    if a.waiting_for_clock {
+        rows.push((
+            "schedules",
+            "waiting: the system clock is not set".to_owned(),
+        ));
+    }
+    if let Some(problem) = &a.problem {
+        rows.push(("rules problem", sanitize(problem)));
+    }
     if let Some(warning) = &s.clock_warning {
         rows.push(("clock warning", sanitize(warning)));
     }
@@ -1095,6 +1143,7 @@ mod tests {
             ca_fingerprint: "ab".into(),
             mqtt_listen: "0.0.0.0:8883".into(),
             clock_warning: String::new(),
+            automation: None,
         };
         let view = StatusView::from(&s);
         let json = serde_json::to_value(&view).expect("serializes");
@@ -1107,6 +1156,7 @@ mod tests {
         assert_eq!(
             keys,
             [
+                "automation",
                 "ca_fingerprint",
                 "clock_warning",
                 "counters",

@@ -241,6 +241,15 @@ impl Admin for FakeHub {
             ca_fingerprint: "ab".repeat(32),
             mqtt_listen: "0.0.0.0:8883".into(),
             clock_warning: String::new(),
+            automation: Some(v1::AutomationStatus {
+                rules: 3,
+                rules_enabled: 2,
+                runs: 7,
+                refused: 1,
+                waiting_for_clock: false,
+                events_dropped: 0,
+                problem: String::new(),
+            }),
         }))
     }
 
@@ -473,6 +482,51 @@ impl Admin for FakeHub {
         }
         Ok(Response::new(device))
     }
+
+    // `hubctl rules` is tested against the real hubd (tests/tests/automation.rs):
+    // its answers come from the rules engine, which a fake would only mimic.
+
+    async fn apply_rules(
+        &self,
+        _: Request<v1::ApplyRulesRequest>,
+    ) -> Result<Response<v1::ApplyRulesResponse>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    async fn list_rules(
+        &self,
+        _: Request<v1::ListRulesRequest>,
+    ) -> Result<Response<v1::ListRulesResponse>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    async fn set_rules_enabled(
+        &self,
+        _: Request<v1::SetRulesEnabledRequest>,
+    ) -> Result<Response<v1::SetRulesEnabledResponse>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    async fn remove_rules(
+        &self,
+        _: Request<v1::RemoveRulesRequest>,
+    ) -> Result<Response<v1::RemoveRulesResponse>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    async fn test_rules(
+        &self,
+        _: Request<v1::TestRulesRequest>,
+    ) -> Result<Response<v1::TestRulesResponse>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    async fn rule_history(
+        &self,
+        _: Request<v1::RuleHistoryRequest>,
+    ) -> Result<Response<v1::RuleHistoryResponse>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
 }
 
 /// A running fake hub; the server task ends with the test's runtime.
@@ -551,7 +605,8 @@ async fn status_human_and_json() {
              connections deferred:    1\n\
              connections refused:     0\n\
              sessions refused:        2\n\
-             protocol errors:         0\n"
+             protocol errors:         0\n\
+             rules:                   3 (2 enabled), 7 runs, 1 refused by loop protection\n"
         )
     );
 
@@ -581,6 +636,15 @@ async fn status_human_and_json() {
             "ca_fingerprint": fp,
             "mqtt_listen": "0.0.0.0:8883",
             "clock_warning": null,
+            "automation": {
+                "rules": 3,
+                "rules_enabled": 2,
+                "runs": 7,
+                "refused": 1,
+                "waiting_for_clock": false,
+                "events_dropped": 0,
+                "problem": null,
+            },
         })
     );
 }

@@ -29,6 +29,8 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use crate::automation::{self, AutomationHandle, RuleName};
+use crate::bus::BusTx;
 use crate::edge::{self, EdgeHandle};
 use crate::model::{DeviceId, DeviceName, Grants, Qos, Role};
 use crate::pairing::{SetupCode, WindowInfo};
@@ -193,6 +195,9 @@ impl AsyncWrite for AdminConn {
 pub struct ApiState {
     pub registry: RegistryHandle,
     pub edge: EdgeHandle,
+    pub automation: AutomationHandle,
+    /// For the count of device events automation missed.
+    pub bus: BusTx,
     pub started: Instant,
     pub max_payload: usize,
 }
@@ -279,6 +284,51 @@ impl From<registry::Error> for Status {
             }
         }
     }
+}
+
+impl From<automation::Error> for Status {
+    fn from(e: automation::Error) -> Status {
+        match e {
+            automation::Error::Rules(ref problems) => Status::invalid_argument(format!(
+                "refused, nothing changed ({} problem{}):\n{e}",
+                problems.len(),
+                if problems.len() == 1 { "" } else { "s" }
+            )),
+            automation::Error::BadName { .. } | automation::Error::BadEvent { .. } => {
+                Status::invalid_argument(e.to_string())
+            }
+            automation::Error::UnknownRule(_) => Status::not_found(e.to_string()),
+            automation::Error::Store(_) => Status::internal(e.to_string()),
+            automation::Error::Stopped => Status::unavailable(e.to_string()),
+        }
+    }
+}
+
+/// The largest rules file accepted: far beyond any household's rules.
+const MAX_RULES_TEXT: usize = 1024 * 1024;
+
+fn rules_text(text: &str, file: &str) -> Result<(), Status> {
+    if text.len() > MAX_RULES_TEXT {
+        return Err(Status::invalid_argument(format!(
+            "{file}: {} bytes, more than the {MAX_RULES_TEXT} a rules file may have",
+            text.len()
+        )));
+    }
+    Ok(())
+}
+
+fn rule_names(names: &[String]) -> Result<Vec<RuleName>, Status> {
+    if names.is_empty() {
+        return Err(Status::invalid_argument("names: name at least one rule"));
+    }
+    names
+        .iter()
+        .map(|n| RuleName::parse(n).map_err(|e| Status::invalid_argument(e.to_string())))
+        .collect()
+}
+
+fn unix_or_zero(t: Option<jiff::Timestamp>) -> i64 {
+    t.map_or(0, |t| t.as_second())
 }
 
 impl From<edge::Error> for Status {
@@ -425,6 +475,7 @@ impl Admin for Service {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let registry = self.state.registry.clone();
         let known = blocking(move || registry.devices().map(|d| d.len())).await?;
+        let automation = self.state.automation.status().await?;
         let c = self.state.edge.counters();
         let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         Ok(Response::new(pb::StatusResponse {
@@ -449,7 +500,157 @@ impl Admin for Service {
             ca_fingerprint: self.state.registry.ca_fingerprint().to_owned(),
             mqtt_listen: self.state.edge.local_addr().to_string(),
             clock_warning: crate::clock::warning().unwrap_or_default(),
+            automation: Some(pb::AutomationStatus {
+                rules: automation.rules,
+                rules_enabled: automation.enabled,
+                runs: automation.runs,
+                refused: automation.refused,
+                waiting_for_clock: automation.waiting_for_clock,
+                events_dropped: self.state.bus.dropped(),
+                problem: automation.problem.unwrap_or_default(),
+            }),
         }))
+    }
+
+    async fn apply_rules(
+        &self,
+        req: Request<pb::ApplyRulesRequest>,
+    ) -> Result<Response<pb::ApplyRulesResponse>, Status> {
+        let req = req.into_inner();
+        let file = if req.file.is_empty() { "rules".to_owned() } else { req.file };
+        rules_text(&req.text, &file)?;
+        let diff = self.state.automation.apply(&req.text, &file).await?;
+        Ok(Response::new(pb::ApplyRulesResponse {
+            added: diff.added,
+            changed: diff
+                .changed
+                .into_iter()
+                .map(|(name, diff)| pb::RuleChange { name, diff })
+                .collect(),
+            removed: diff.removed,
+            unchanged: diff.unchanged,
+        }))
+    }
+
+    async fn list_rules(
+        &self,
+        _: Request<pb::ListRulesRequest>,
+    ) -> Result<Response<pb::ListRulesResponse>, Status> {
+        let rules = self.state.automation.rules().await?;
+        let rules = rules
+            .into_iter()
+            .map(|r| pb::Rule {
+                name: r.name,
+                enabled: r.enabled,
+                description: r.description.unwrap_or_default(),
+                trigger: r.trigger,
+                source: r.source,
+                updated_at: r.updated_at,
+                runs: r.runs,
+                refused: r.refused,
+                last_run: unix_or_zero(r.last_run),
+                last_outcome: r.last_outcome.unwrap_or_default(),
+                next_fire: unix_or_zero(r.next_fire),
+            })
+            .collect();
+        Ok(Response::new(pb::ListRulesResponse { rules }))
+    }
+
+    async fn set_rules_enabled(
+        &self,
+        req: Request<pb::SetRulesEnabledRequest>,
+    ) -> Result<Response<pb::SetRulesEnabledResponse>, Status> {
+        let req = req.into_inner();
+        let names = rule_names(&req.names)?;
+        let changed = self
+            .state
+            .automation
+            .set_enabled(&names, req.enabled)
+            .await?;
+        Ok(Response::new(pb::SetRulesEnabledResponse { changed }))
+    }
+
+    async fn remove_rules(
+        &self,
+        req: Request<pb::RemoveRulesRequest>,
+    ) -> Result<Response<pb::RemoveRulesResponse>, Status> {
+        let names = rule_names(&req.into_inner().names)?;
+        self.state.automation.remove(&names).await?;
+        Ok(Response::new(pb::RemoveRulesResponse {}))
+    }
+
+    async fn test_rules(
+        &self,
+        req: Request<pb::TestRulesRequest>,
+    ) -> Result<Response<pb::TestRulesResponse>, Status> {
+        let req = req.into_inner();
+        let file = if req.file.is_empty() { "rules".to_owned() } else { req.file };
+        rules_text(&req.text, &file)?;
+        if req.events.is_empty() {
+            return Err(Status::invalid_argument("events: give at least one --event"));
+        }
+        let at = (!req.at.is_empty()).then_some(req.at.as_str());
+        let steps = self
+            .state
+            .automation
+            .test(&req.text, &file, &req.events, at)
+            .await?;
+        let steps = steps
+            .into_iter()
+            .map(|step| pb::TestStep {
+                event: step.event,
+                rules: step
+                    .rules
+                    .into_iter()
+                    .map(|r| {
+                        let (outcome, condition, actions) = match r.outcome {
+                            automation::dryrun::Outcome::Fires(a) => ("fires", 0, a),
+                            automation::dryrun::Outcome::ConditionFails(i) => {
+                                ("condition_fails", u32::try_from(i).unwrap_or(u32::MAX), Vec::new())
+                            }
+                            automation::dryrun::Outcome::Disabled(a) => ("disabled", 0, a),
+                        };
+                        pb::TestRuleOutcome {
+                            rule: r.rule,
+                            outcome: outcome.to_owned(),
+                            condition,
+                            actions,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::TestRulesResponse { steps }))
+    }
+
+    async fn rule_history(
+        &self,
+        req: Request<pb::RuleHistoryRequest>,
+    ) -> Result<Response<pb::RuleHistoryResponse>, Status> {
+        let req = req.into_inner();
+        let rule = if req.rule.is_empty() {
+            None
+        } else {
+            Some(
+                RuleName::parse(&req.rule)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?
+                    .to_string(),
+            )
+        };
+        let limit = if req.limit == 0 { 50 } else { req.limit as usize };
+        let runs = self.state.automation.history(rule, limit).await?;
+        let runs = runs
+            .into_iter()
+            .map(|r| pb::RuleRun {
+                rule: r.rule,
+                at_ms: i64::try_from(r.at.as_millisecond()).unwrap_or(i64::MAX),
+                trigger: r.trigger,
+                outcome: r.outcome.to_string(),
+                actions: r.actions,
+                repeats: r.repeats,
+            })
+            .collect();
+        Ok(Response::new(pb::RuleHistoryResponse { runs }))
     }
 
     async fn list_devices(

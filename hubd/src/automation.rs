@@ -135,13 +135,21 @@ use serde_json::Value;
 
 use crate::model::DeviceId;
 
+mod describe;
+pub mod dryrun;
 mod limiter;
 mod parse;
+pub mod ruleset;
+mod runner;
 pub mod schedule;
 mod value;
 
 pub use limiter::{Refusal, RunLimiter};
 pub use parse::parse_rules;
+pub use runner::{
+    AutomationHandle, Clock, CommandFuture, Outcome, Publisher, RuleInfo, RunRecord, SendError,
+    Setup, Status, start,
+};
 pub use schedule::{Cron, Schedule, TimeWindow, Weekdays, fires_at, next_fire};
 pub use value::{Bindings, Payload, Pointer, Ref, Test, Text};
 
@@ -156,6 +164,18 @@ pub enum Error {
     /// a valid name.
     #[error("rule name {name:?}: {reason}")]
     BadName { name: String, reason: &'static str },
+    /// No stored rule has this name.
+    #[error("no rule named {0:?} (hubctl rules list shows them)")]
+    UnknownRule(String),
+    /// A dry-run event or time that cannot be read.
+    #[error("event {event:?}: {reason}")]
+    BadEvent { event: String, reason: String },
+    /// The rule store failed; nothing was changed.
+    #[error("rule store: {0}")]
+    Store(String),
+    /// The runner has stopped (the hub is shutting down).
+    #[error("the automation runner has stopped")]
+    Stopped,
 }
 
 fn join_lines(problems: &[Problem]) -> String {

@@ -28,6 +28,7 @@ pub struct Config {
     pub admin: AdminSection,
     pub ca: CaSection,
     pub pairing: PairingSection,
+    pub automation: AutomationSection,
 }
 
 /// `[hub]`: identity, state and logging.
@@ -126,6 +127,17 @@ pub struct PairingSection {
     pub attempt_interval: Duration,
 }
 
+/// `[automation]`: the rules engine.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutomationSection {
+    /// IANA time zone for `at`, `cron`, time windows and weekdays; empty
+    /// means the system's (`TZ`, else `/etc/localtime`).
+    pub timezone: String,
+    /// Rule runs kept for `hubctl rules history`.
+    pub history: usize,
+}
+
 // The defaults below must equal config/hubd.toml; the unit test
 // `shipped_file_equals_default` fails when they drift apart.
 
@@ -190,6 +202,32 @@ impl Default for PairingSection {
             max_failures: 5,
             attempt_interval: Duration::from_secs(1),
         }
+    }
+}
+
+impl Default for AutomationSection {
+    fn default() -> Self {
+        AutomationSection {
+            timezone: String::new(),
+            history: 1000,
+        }
+    }
+}
+
+impl AutomationSection {
+    /// The time zone rules run in.
+    pub fn time_zone(&self) -> Result<jiff::tz::TimeZone, Error> {
+        if self.timezone.is_empty() {
+            return Ok(jiff::tz::TimeZone::system());
+        }
+        jiff::tz::TimeZone::get(&self.timezone).map_err(|e| {
+            invalid(
+                "automation",
+                "timezone",
+                quoted(&self.timezone),
+                &format!("not a known IANA time zone ({e})"),
+            )
+        })
     }
 }
 
@@ -439,6 +477,8 @@ impl Config {
                 "must be at most 1m",
             ));
         }
+        self.automation.time_zone()?;
+        check_range("automation", "history", self.automation.history, 10, 100_000)?;
         Ok(())
     }
 
@@ -750,6 +790,20 @@ mod tests {
         assert_eq!(count("admin"), 1, "group (socket is commented out)");
         assert_eq!(count("ca"), 4);
         assert_eq!(count("pairing"), 6);
+        assert_eq!(count("automation"), 2);
+    }
+
+    #[test]
+    fn automation_settings_are_checked() {
+        let msg = error("[automation]\ntimezone = \"Mars/Olympus\"\n");
+        assert!(msg.contains("[automation] timezone"), "{msg}");
+        let msg = error("[automation]\nhistory = 0\n");
+        assert!(msg.contains("[automation] history"), "{msg}");
+        let config = parse("[automation]\ntimezone = \"Europe/London\"\n").unwrap();
+        assert_eq!(
+            config.automation.time_zone().unwrap().iana_name(),
+            Some("Europe/London")
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::future::Future;
 use std::ops::ControlFlow;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, UnixListener};
@@ -22,6 +23,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::api::{self, ApiState};
+use crate::automation;
+use crate::bus;
+use crate::model::Qos;
 use crate::ca::{self, Ca};
 use crate::config::{self, Config};
 use crate::edge::{self, EdgeHandle, TlsMaterial};
@@ -31,6 +35,10 @@ use crate::systemd;
 
 /// How long shutdown may take before the daemon gives up waiting.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
+
+/// Device events in flight between the edge and the automation runner.
+/// Beyond it events are dropped and counted rather than slowing the edge.
+const BUS_CAPACITY: usize = 8192;
 
 /// How often the server certificate's expiry is checked.
 const RENEW_CHECK: Duration = Duration::from_secs(3600);
@@ -63,6 +71,8 @@ pub enum Error {
     Edge(#[from] edge::Error),
     #[error(transparent)]
     Api(#[from] api::Error),
+    #[error("automation: {0}")]
+    Automation(#[from] automation::Error),
     #[error("{0} stopped unexpectedly")]
     Subsystem(&'static str),
 }
@@ -149,6 +159,7 @@ pub async fn run(
 
     let edge_stop = CancellationToken::new();
     let edge_tasks = TaskTracker::new();
+    let (bus_tx, bus_rx) = bus::channel(BUS_CAPACITY);
     let setup = edge::Setup {
         cfg: config.edge.clone(),
         material,
@@ -156,8 +167,27 @@ pub async fn run(
         registry: registry.clone(),
         isolated: registry.isolated()?,
         pairing_cfg: config.pairing.clone(),
+        bus: Some(bus_tx.clone()),
     };
     let edge = edge::start(setup, &edge_tasks, edge_stop.clone()).await?;
+
+    // Automation runs next to the router: events come from the edge over
+    // the bus, commands go back through the edge's hub publish.
+    let automation_stop = CancellationToken::new();
+    let automation_tasks = TaskTracker::new();
+    let automation = automation::start(
+        automation::Setup {
+            registry: registry.clone(),
+            events: bus_rx,
+            publish: command_publisher(edge.clone()),
+            tz: config.automation.time_zone()?,
+            history: config.automation.history,
+            clock: automation::Clock::system(),
+        },
+        &automation_tasks,
+        automation_stop.clone(),
+    )
+    .await?;
 
     let api_stop = CancellationToken::new();
     let api_tasks = TaskTracker::new();
@@ -165,6 +195,8 @@ pub async fn run(
         let state = ApiState {
             registry: registry.clone(),
             edge: edge.clone(),
+            automation: automation.clone(),
+            bus: bus_tx,
             started,
             max_payload: config.edge.max_packet_size,
         };
@@ -232,6 +264,7 @@ pub async fn run(
     for (name, stop, tasks) in [
         ("aux", &aux_stop, &aux_tasks),
         ("admin api", &api_stop, &api_tasks),
+        ("automation", &automation_stop, &automation_tasks),
         ("edge", &edge_stop, &edge_tasks),
     ] {
         stop.cancel();
@@ -248,10 +281,27 @@ pub async fn run(
     if let Err(e) = registry.store().flush() {
         warn!(error = %e, "final store flush failed");
     }
+    drop(automation);
     drop(edge);
     drop(registry);
     info!("stopped");
     outcome
+}
+
+/// How a rule's command reaches a device: the hub's own publish at QoS 1,
+/// which refuses commands to isolated devices.
+fn command_publisher(edge: EdgeHandle) -> automation::Publisher {
+    Arc::new(move |topic: String, payload| {
+        let edge = edge.clone();
+        Box::pin(async move {
+            edge.publish(&topic, payload, Qos::AtLeastOnce, false)
+                .await
+                .map_err(|e| match e {
+                    edge::Error::Isolated(id) => automation::SendError::Isolated(id),
+                    other => automation::SendError::Failed(other.to_string()),
+                })
+        })
+    })
 }
 
 /// Runs `job` every `period`, the first time one period after start, until

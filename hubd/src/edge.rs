@@ -56,6 +56,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::bus::{BusTx, HubEvent};
 use crate::acl::{self, Principal, TopicLimits};
 
 mod pairing_listener;
@@ -367,6 +368,8 @@ struct Shared {
     next_hub_pkid: AtomicU64,
     /// Retained device state and metadata on their way to the store.
     retained_tx: mpsc::Sender<(DeviceId, RetainedKind, Vec<u8>)>,
+    /// What devices do, for automation: states, events, online, offline.
+    bus: Option<BusTx>,
     /// Cancels watch tasks at shutdown.
     shutdown: CancellationToken,
 }
@@ -638,6 +641,8 @@ pub struct Setup {
     pub isolated: HashSet<DeviceId>,
     /// `[pairing]` settings.
     pub pairing_cfg: PairingSection,
+    /// Where device states, events and comings and goings are announced.
+    pub bus: Option<BusTx>,
 }
 
 /// Starts the rumqttd router and the edge's accept loop on `listener`. The
@@ -654,6 +659,7 @@ pub async fn start(
         registry,
         isolated,
         pairing_cfg,
+        bus,
     } = setup;
     let local_addr = listener.local_addr().map_err(Error::Listener)?;
     let tls = material.build()?;
@@ -735,6 +741,7 @@ pub async fn start(
         next_watch: AtomicU64::new(1),
         next_hub_pkid: AtomicU64::new(0),
         retained_tx,
+        bus,
         shutdown: shutdown.clone(),
     });
     let handle = EdgeHandle {
@@ -1350,12 +1357,31 @@ impl Conn {
     }
 
     /// What the hub keeps of a device's own state and metadata: the kind it
-    /// states, and the retained payloads for the store.
+    /// states, and the retained payloads for the store; and what it tells the
+    /// bus (states and events of devices that are not isolated: an isolated
+    /// device may be compromised, so it drives no automation).
     fn note_device_topics(&self, topic: &str, publish: &Publish) {
         let (Principal::Device(id) | Principal::Isolated(id)) = &self.principal else {
             return;
         };
-        let Some(which) = acl::own_suffix(id, topic).and_then(RetainedKind::from_suffix) else {
+        let Some(suffix) = acl::own_suffix(id, topic) else {
+            return;
+        };
+        if let (Some(bus), Principal::Device(_)) = (&self.shared.bus, &self.principal) {
+            if suffix == "state" {
+                bus.send(HubEvent::State {
+                    device: id.clone(),
+                    payload: publish.payload.clone(),
+                });
+            } else if let Some(name) = suffix.strip_prefix("event/") {
+                bus.send(HubEvent::Event {
+                    device: id.clone(),
+                    name: name.to_owned(),
+                    payload: publish.payload.clone(),
+                });
+            }
+        }
+        let Some(which) = RetainedKind::from_suffix(suffix) else {
             return;
         };
         if which == RetainedKind::Meta {
@@ -1854,6 +1880,9 @@ async fn session(
         Ok(()) => {
             shared.registry.touch(&id);
             info!(%peer, device = %id, v5 = conn.codec.is_v5(), "device connected");
+            if let Some(bus) = &shared.bus {
+                bus.send(HubEvent::Online(id.clone()));
+            }
             run_session(&mut conn, rd, buf, keep_alive, &kick, &shutdown).await
         }
     };
@@ -1900,17 +1929,24 @@ async fn session(
     }
     drop(conn);
     let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
-    forget_session(&shared, &id, number);
+    let last = forget_session(&shared, &id, number);
     shared.registry.touch(&id);
     info!(%peer, device = %id, reason = ?end, "device disconnected");
+    // A session replaced by a newer one of the same device is not "offline".
+    if let (true, Some(bus)) = (last, &shared.bus) {
+        bus.send(HubEvent::Offline(id.clone()));
+    }
 }
 
-/// Removes the session entry if it is still ours (a takeover may have replaced it).
-fn forget_session(shared: &Shared, id: &DeviceId, number: u64) {
+/// Removes the session entry if it is still ours (a takeover may have
+/// replaced it); returns whether it was.
+fn forget_session(shared: &Shared, id: &DeviceId, number: u64) -> bool {
     let mut sessions = lock(&shared.sessions);
     if sessions.get(id).is_some_and(|e| e.number == number) {
         sessions.remove(id);
+        return true;
     }
+    false
 }
 
 /// The session's main loop: device packets in, router notifications out.

@@ -6,6 +6,7 @@
 
 // Layer 0: pure types and policy, and the hub's idea of the time.
 pub mod acl;
+pub mod bus;
 pub mod clock;
 pub mod config;
 pub mod model;

@@ -40,6 +40,13 @@ const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certs");
 /// `<device id>/state` and `<device id>/meta`: bounded to two values per
 /// device, never a history.
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+/// Automation rules, keyed by an opaque random rule id (never the rule's
+/// name, which a householder typed).
+const RULES: TableDefinition<&str, &[u8]> = TableDefinition::new("rules");
+/// The automation's hub variables, as one record under [`VARS_KEY`] (keyed
+/// by a fixed name, not by variable names).
+const AUTOMATION: TableDefinition<&str, &[u8]> = TableDefinition::new("automation");
+const VARS_KEY: &str = "vars";
 /// Store-wide counters and the schema version, keyed by the names below.
 /// Meta values are plain JSON and will stay unencrypted: the schema version
 /// must be readable before the data key is, and none of it is personal.
@@ -87,6 +94,21 @@ pub struct DeviceRecord {
     /// What the device says it is, from its `d/<id>/meta`.
     #[serde(default)]
     pub kind: Option<String>,
+}
+
+/// One automation rule as stored: its source, a single `[[rule]]` table in
+/// canonical TOML (the `enabled` flag included), and when it last changed
+/// (Unix seconds). The automation module owns the format of `source`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleRecord {
+    /// Opaque and stable while the rule keeps its name.
+    pub id: String,
+    /// Where the rule stands in the rule set (the order of the file that was
+    /// applied): rules run in this order.
+    pub position: u32,
+    pub name: String,
+    pub source: String,
+    pub updated_at: i64,
 }
 
 /// Which retained topic of a device a stored payload belongs to.
@@ -285,6 +307,8 @@ impl Store {
             txn.open_table(DEVICES).ctx(path)?;
             txn.open_table(CERTS).ctx(path)?;
             txn.open_table(RETAINED).ctx(path)?;
+            txn.open_table(RULES).ctx(path)?;
+            txn.open_table(AUTOMATION).ctx(path)?;
             self.meta_get::<u32>(&meta, META_SCHEMA_VERSION)?
         };
         match found {
@@ -599,6 +623,74 @@ impl Store {
         Ok(out)
     }
 
+    /// Every stored rule, in id order.
+    pub fn rules(&self) -> Result<Vec<RuleRecord>, Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_read().ctx(path)?;
+        let rules = txn.open_table(RULES).ctx(path)?;
+        let mut out = Vec::new();
+        for entry in rules.iter().ctx(path)? {
+            let (key, value) = entry.ctx(path)?;
+            let rule: RuleRecord = self.decode("rules", key.value(), value.value())?;
+            if rule.id != key.value() {
+                return Err(self.corrupt(
+                    "rules",
+                    key.value(),
+                    format!("record is for rule id {}", rule.id),
+                ));
+            }
+            out.push(rule);
+        }
+        Ok(out)
+    }
+
+    /// Replaces the whole rule set with `rules` in one durable transaction:
+    /// afterwards the table holds exactly these, or (on error) exactly what
+    /// it held before.
+    pub fn replace_rules(&self, rules: &[RuleRecord]) -> Result<(), Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_write().ctx(path)?;
+        {
+            let mut table = txn.open_table(RULES).ctx(path)?;
+            table.retain(|_, _| false).ctx(path)?;
+            for rule in rules {
+                let bytes = self.encode("rules", &rule.id, rule)?;
+                if table
+                    .insert(rule.id.as_str(), bytes.as_slice())
+                    .ctx(path)?
+                    .is_some()
+                {
+                    return Err(self.exists("rules", &rule.id));
+                }
+            }
+        }
+        txn.commit().ctx(path)
+    }
+
+    /// The automation's hub variables.
+    pub fn automation_vars(&self) -> Result<Vec<(String, serde_json::Value)>, Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_read().ctx(path)?;
+        let table = txn.open_table(AUTOMATION).ctx(path)?;
+        match table.get(VARS_KEY).ctx(path)? {
+            Some(bytes) => self.decode("automation", VARS_KEY, bytes.value()),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Replaces the hub variables. Durable on return: a variable such as
+    /// "away" must not come back wrong after a power cut.
+    pub fn put_automation_vars(&self, vars: &[(String, serde_json::Value)]) -> Result<(), Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_write().ctx(path)?;
+        {
+            let mut table = txn.open_table(AUTOMATION).ctx(path)?;
+            let bytes = self.encode("automation", VARS_KEY, &vars)?;
+            table.insert(VARS_KEY, bytes.as_slice()).ctx(path)?;
+        }
+        txn.commit().ctx(path)
+    }
+
     /// Every revoked certificate: the content of the next CRL.
     pub fn revoked_certs(&self) -> Result<Vec<CertRecord>, Error> {
         self.certs_where(|c| c.revoked_at.is_some())
@@ -878,6 +970,55 @@ mod tests {
         std::fs::write(&path, vec![0x5a; 64 * 1024]).unwrap();
         let err = Store::open(&path).unwrap_err();
         assert!(matches!(err, Error::Open { .. }), "{err}");
+    }
+
+    fn rule(id: &str, name: &str) -> RuleRecord {
+        RuleRecord {
+            id: id.to_owned(),
+            position: 0,
+            name: name.to_owned(),
+            source: format!("[[rule]]\nname = {name:?}\n"),
+            updated_at: 1_700_000_000,
+        }
+    }
+
+    #[test]
+    fn rules_are_replaced_as_a_whole_and_survive_reopen() {
+        let (_dir, path, store) = temp_store();
+        store
+            .replace_rules(&[rule("01", "a"), rule("02", "b")])
+            .unwrap();
+        store
+            .replace_rules(&[rule("02", "b"), rule("03", "c")])
+            .unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.rules().unwrap(), vec![rule("02", "b"), rule("03", "c")]);
+    }
+
+    #[test]
+    fn a_refused_rule_set_leaves_the_stored_one_alone() {
+        let (_dir, _path, store) = temp_store();
+        store.replace_rules(&[rule("01", "a")]).unwrap();
+        let err = store
+            .replace_rules(&[rule("02", "b"), rule("02", "c")])
+            .unwrap_err();
+        assert!(matches!(err, Error::Exists { .. }), "{err}");
+        assert_eq!(store.rules().unwrap(), vec![rule("01", "a")]);
+    }
+
+    #[test]
+    fn automation_vars_round_trip() {
+        let (_dir, path, store) = temp_store();
+        assert!(store.automation_vars().unwrap().is_empty());
+        let vars = vec![
+            ("mode".to_owned(), serde_json::json!("away")),
+            ("level".to_owned(), serde_json::json!(3)),
+        ];
+        store.put_automation_vars(&vars).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.automation_vars().unwrap(), vars);
     }
 
     #[test]

@@ -94,7 +94,7 @@ pub(crate) fn parse_time(s: &str) -> Result<Time, String> {
 }
 
 /// Names of the days, Monday first (jiff's Monday-zero offset is the index).
-const DAY_NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+pub(crate) const DAY_NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 
 fn day_index(name: &str) -> Option<u8> {
     let lower = name.to_ascii_lowercase();
@@ -147,6 +147,11 @@ impl Weekdays {
 
     pub fn contains(self, day: Weekday) -> bool {
         self.0 & (1 << day.to_monday_zero_offset()) != 0
+    }
+
+    /// Bit 0 is Monday, bit 6 Sunday.
+    pub(crate) fn bits(self) -> u8 {
+        self.0
     }
 }
 
