@@ -336,7 +336,8 @@ pub fn list_text(rules: &[RuleView]) -> String {
                 if r.enabled { "yes" } else { "no" }.to_owned(),
                 sanitize(&r.trigger),
                 r.runs.to_string(),
-                r.last_run.map_or_else(|| "-".to_owned(), human_time_seconds),
+                r.last_run
+                    .map_or_else(|| "-".to_owned(), human_time_seconds),
                 sanitize(r.last_outcome.as_deref().unwrap_or("-")),
             ]
         })
@@ -388,7 +389,9 @@ pub fn test_text(steps: &[TestStepView]) -> String {
             let head = match (r.outcome.as_str(), r.condition) {
                 ("fires", _) => "fires".to_owned(),
                 ("disabled", _) => "is disabled; enabled, it would".to_owned(),
-                ("condition_fails", Some(n)) => format!("does not run: condition {n} does not hold"),
+                ("condition_fails", Some(n)) => {
+                    format!("does not run: condition {n} does not hold")
+                }
                 (other, _) => sanitize(other),
             };
             out.push_str(&format!("  rule {:?} {head}\n", sanitize(&r.rule)));

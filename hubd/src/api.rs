@@ -517,7 +517,11 @@ impl Admin for Service {
         req: Request<pb::ApplyRulesRequest>,
     ) -> Result<Response<pb::ApplyRulesResponse>, Status> {
         let req = req.into_inner();
-        let file = if req.file.is_empty() { "rules".to_owned() } else { req.file };
+        let file = if req.file.is_empty() {
+            "rules".to_owned()
+        } else {
+            req.file
+        };
         rules_text(&req.text, &file)?;
         let diff = self.state.automation.apply(&req.text, &file).await?;
         Ok(Response::new(pb::ApplyRulesResponse {
@@ -584,10 +588,16 @@ impl Admin for Service {
         req: Request<pb::TestRulesRequest>,
     ) -> Result<Response<pb::TestRulesResponse>, Status> {
         let req = req.into_inner();
-        let file = if req.file.is_empty() { "rules".to_owned() } else { req.file };
+        let file = if req.file.is_empty() {
+            "rules".to_owned()
+        } else {
+            req.file
+        };
         rules_text(&req.text, &file)?;
         if req.events.is_empty() {
-            return Err(Status::invalid_argument("events: give at least one --event"));
+            return Err(Status::invalid_argument(
+                "events: give at least one --event",
+            ));
         }
         let at = (!req.at.is_empty()).then_some(req.at.as_str());
         let steps = self
@@ -605,9 +615,11 @@ impl Admin for Service {
                     .map(|r| {
                         let (outcome, condition, actions) = match r.outcome {
                             automation::dryrun::Outcome::Fires(a) => ("fires", 0, a),
-                            automation::dryrun::Outcome::ConditionFails(i) => {
-                                ("condition_fails", u32::try_from(i).unwrap_or(u32::MAX), Vec::new())
-                            }
+                            automation::dryrun::Outcome::ConditionFails(i) => (
+                                "condition_fails",
+                                u32::try_from(i).unwrap_or(u32::MAX),
+                                Vec::new(),
+                            ),
                             automation::dryrun::Outcome::Disabled(a) => ("disabled", 0, a),
                         };
                         pb::TestRuleOutcome {
@@ -637,13 +649,17 @@ impl Admin for Service {
                     .to_string(),
             )
         };
-        let limit = if req.limit == 0 { 50 } else { req.limit as usize };
+        let limit = if req.limit == 0 {
+            50
+        } else {
+            req.limit as usize
+        };
         let runs = self.state.automation.history(rule, limit).await?;
         let runs = runs
             .into_iter()
             .map(|r| pb::RuleRun {
                 rule: r.rule,
-                at_ms: i64::try_from(r.at.as_millisecond()).unwrap_or(i64::MAX),
+                at_ms: r.at.as_millisecond(),
                 trigger: r.trigger,
                 outcome: r.outcome.to_string(),
                 actions: r.actions,

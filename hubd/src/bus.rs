@@ -46,8 +46,11 @@ impl BusTx {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(event)) => {
                 // Log the first drop after a quiet spell, not every one.
-                if self.dropped.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
-                    tracing::warn!(?event, "event bus full: event dropped before automation saw it");
+                if self.dropped.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
+                    tracing::warn!(
+                        ?event,
+                        "event bus full: event dropped before automation saw it"
+                    );
                 }
             }
             // Nobody listens (the runner has stopped, or was never started).

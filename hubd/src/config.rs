@@ -478,7 +478,13 @@ impl Config {
             ));
         }
         self.automation.time_zone()?;
-        check_range("automation", "history", self.automation.history, 10, 100_000)?;
+        check_range(
+            "automation",
+            "history",
+            self.automation.history,
+            10,
+            100_000,
+        )?;
         Ok(())
     }
 

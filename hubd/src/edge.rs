@@ -56,8 +56,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::bus::{BusTx, HubEvent};
 use crate::acl::{self, Principal, TopicLimits};
+use crate::bus::{BusTx, HubEvent};
 
 mod pairing_listener;
 use crate::ca::{self, ServerIdentity};

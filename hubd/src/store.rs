@@ -993,7 +993,10 @@ mod tests {
             .unwrap();
         drop(store);
         let store = Store::open(&path).unwrap();
-        assert_eq!(store.rules().unwrap(), vec![rule("02", "b"), rule("03", "c")]);
+        assert_eq!(
+            store.rules().unwrap(),
+            vec![rule("02", "b"), rule("03", "c")]
+        );
     }
 
     #[test]

@@ -60,7 +60,11 @@ impl fmt::Display for Trigger {
                 device,
                 pointer,
                 test,
-            } => write!(f, "state of {device}{} {test}", pointer_text(pointer.as_str())),
+            } => write!(
+                f,
+                "state of {device}{} {test}",
+                pointer_text(pointer.as_str())
+            ),
             Trigger::Event {
                 device,
                 name,
@@ -138,7 +142,7 @@ fn short(value: &Value) -> String {
 /// `90s` as `1m30s`, `1500ms` as `1.5s`: the rule language's own units.
 pub(crate) fn duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return if ms < 1000 {
             format!("{ms}ms")
         } else {
@@ -162,7 +166,8 @@ mod tests {
     use crate::automation::parse_rules;
 
     fn trigger(t: &str) -> String {
-        let text = format!("[[rule]]\nname = \"r\"\ntrigger = {t}\nactions = [{{ log = \"x\" }}]\n");
+        let text =
+            format!("[[rule]]\nname = \"r\"\ntrigger = {t}\nactions = [{{ log = \"x\" }}]\n");
         parse_rules(&text, "t.toml", &|_| true).unwrap()[0]
             .trigger
             .to_string()

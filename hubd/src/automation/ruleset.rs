@@ -90,10 +90,64 @@ pub fn with_enabled(source: &str, enabled: bool) -> Result<String, Error> {
     canonical(&toml::Value::Table(rebuilt)).map_err(|e| whole_file(STORED, &e))
 }
 
+/// One `[[rule]]` table, one key per line, values inline as a rule is
+/// usually written; a list of several tables (conditions, actions) gets one
+/// line per item.
 fn canonical(table: &toml::Value) -> Result<String, String> {
-    let mut doc = toml::Table::new();
-    doc.insert("rule".to_owned(), toml::Value::Array(vec![table.clone()]));
-    toml::to_string(&doc).map_err(|e| format!("cannot write the rule as TOML: {e}"))
+    let toml::Value::Table(rule) = table else {
+        return Err("a rule is not a table".to_owned());
+    };
+    let mut out = String::from("[[rule]]\n");
+    for (key, value) in rule {
+        let key = inline_key(key);
+        match value {
+            toml::Value::Array(items)
+                if items.len() > 1 && items.iter().all(toml::Value::is_table) =>
+            {
+                out.push_str(&format!("{key} = [\n"));
+                for item in items {
+                    out.push_str(&format!("  {},\n", inline(item)?));
+                }
+                out.push_str("]\n");
+            }
+            _ => out.push_str(&format!("{key} = {}\n", inline(value)?)),
+        }
+    }
+    Ok(out)
+}
+
+fn inline_key(key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if bare {
+        key.to_owned()
+    } else {
+        toml::Value::String(key.to_owned()).to_string()
+    }
+}
+
+/// A value in TOML's inline syntax.
+fn inline(value: &toml::Value) -> Result<String, String> {
+    Ok(match value {
+        toml::Value::Table(t) => {
+            if t.is_empty() {
+                return Ok("{}".to_owned());
+            }
+            let items = t
+                .iter()
+                .map(|(k, v)| Ok(format!("{} = {}", inline_key(k), inline(v)?)))
+                .collect::<Result<Vec<_>, String>>()?;
+            format!("{{ {} }}", items.join(", "))
+        }
+        toml::Value::Array(a) => {
+            let items = a.iter().map(inline).collect::<Result<Vec<_>, String>>()?;
+            format!("[{}]", items.join(", "))
+        }
+        // Strings, numbers, booleans and datetimes print as TOML literals.
+        scalar => scalar.to_string(),
+    })
 }
 
 fn whole_file(file: &str, message: &str) -> Error {
@@ -192,7 +246,10 @@ mod tests {
 [[rule]]
 name = "fan on"
 trigger = { state = "sensor-1", pointer = "/t", op = ">", value = 25 }
-actions = [{ command = "fan-1", name = "set", payload = { on = true } }]
+actions = [
+  { command = "fan-1", name = "set", payload = { on = true } },
+  { command = "fan-1", name = "odd", payload = { "my key" = "say \"hi\"\n", list = [1, 2.5, -3e-2], nested = { deep = [{ a = 1 }] }, empty = {} } },
+]
 
 [[rule]]
 name = "morning"
@@ -217,6 +274,13 @@ log = "good morning"
             assert_eq!(again[0].rule, r.rule);
             assert_eq!(again[0].source, r.source, "canonical form is stable");
         }
+        assert!(
+            rules[0].source.contains(
+                "trigger = { state = \"sensor-1\", pointer = \"/t\", op = \">\", value = 25 }\n"
+            ),
+            "{}",
+            rules[0].source
+        );
         // Keys keep the order they were written in.
         let name_at = rules[0].source.find("name").unwrap();
         let trigger_at = rules[0].source.find("trigger").unwrap();
@@ -287,7 +351,10 @@ actions = [{ log = "home" }]
         assert_eq!(d.unchanged, ["b"]);
         assert_eq!(
             d.changed,
-            [("a".to_owned(), vec!["- y = 2".to_owned(), "+ y = 3".to_owned()])]
+            [(
+                "a".to_owned(),
+                vec!["- y = 2".to_owned(), "+ y = 3".to_owned()]
+            )]
         );
         assert!(!d.is_empty());
         assert!(diff(&old, &[]).removed.len() == 3);

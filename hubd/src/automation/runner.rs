@@ -37,7 +37,9 @@ use tracing::{error, info, warn};
 
 use super::dryrun::{self, payload_value};
 use super::ruleset::{self, Diff, Sourced};
-use super::{Action, Error, Event, Rule, RuleName, RunLimiter, Snapshot, Verdict, check, next_fire};
+use super::{
+    Action, Error, Event, Rule, RuleName, RunLimiter, Snapshot, Verdict, check, next_fire,
+};
 use crate::bus::HubEvent;
 use crate::model::DeviceId;
 use crate::registry::RegistryHandle;
@@ -249,8 +251,10 @@ pub async fn start(
             Vec::new()
         }
     };
-    let mut ctx = Snapshot::default();
-    ctx.vars = vars.into_iter().collect();
+    let mut ctx = Snapshot {
+        vars: vars.into_iter().collect(),
+        ..Snapshot::default()
+    };
     for (id, which, payload) in states {
         if which == RetainedKind::State {
             ctx.states.insert(id, payload_value(&payload));
@@ -316,7 +320,10 @@ async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
 
 /// Writes the variables whenever they change, the latest value first; at
 /// the end (the runner gone) the last value is written too.
-async fn write_vars(registry: RegistryHandle, mut rx: watch::Receiver<Option<Vec<(String, Value)>>>) {
+async fn write_vars(
+    registry: RegistryHandle,
+    mut rx: watch::Receiver<Option<Vec<(String, Value)>>>,
+) {
     loop {
         let ended = rx.changed().await.is_err();
         let vars = rx.borrow_and_update().clone();
@@ -533,8 +540,13 @@ impl AutomationHandle {
     }
 
     /// The most recent runs, newest first, of one rule or all.
-    pub async fn history(&self, rule: Option<String>, limit: usize) -> Result<Vec<RunRecord>, Error> {
-        self.ask(|reply| Control::History { rule, limit, reply }).await
+    pub async fn history(
+        &self,
+        rule: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>, Error> {
+        self.ask(|reply| Control::History { rule, limit, reply })
+            .await
     }
 
     pub async fn status(&self) -> Result<Status, Error> {
@@ -549,7 +561,10 @@ fn sources(records: &[RuleRecord]) -> Vec<&str> {
 fn positions_match(stored: &[RuleRecord], new: &[(String, String)]) -> bool {
     let mut stored: Vec<&RuleRecord> = stored.iter().collect();
     stored.sort_by_key(|r| r.position);
-    stored.iter().map(|r| &r.name).eq(new.iter().map(|(n, _)| n))
+    stored
+        .iter()
+        .map(|r| &r.name)
+        .eq(new.iter().map(|(n, _)| n))
 }
 
 fn find_all(stored: &[RuleRecord], names: &[RuleName]) -> Result<Vec<usize>, Error> {
