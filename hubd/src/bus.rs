@@ -46,7 +46,11 @@ impl BusTx {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(event)) => {
                 // Log the first drop after a quiet spell, not every one.
-                if self.dropped.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
+                if self
+                    .dropped
+                    .fetch_add(1, Ordering::Relaxed)
+                    .is_multiple_of(1000)
+                {
                     tracing::warn!(
                         ?event,
                         "event bus full: event dropped before automation saw it"

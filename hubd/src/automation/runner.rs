@@ -709,6 +709,11 @@ impl Runner {
     }
 
     fn next_wake(&self) -> Duration {
+        // While the clock is unset the due instants stay due; look again
+        // later instead of spinning on them.
+        if self.clock_waiting {
+            return MAX_SLEEP;
+        }
         let now = (self.clock.now)();
         self.rules
             .iter()
@@ -1030,3 +1035,7 @@ impl Runner {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "runner_tests.rs"]
+mod tests;
