@@ -464,3 +464,132 @@ fn a_fresh_user_without_a_runtime_dir_gets_a_private_state_dir_and_a_working_soc
     });
     assert!(status.success());
 }
+
+/// Rules for the crash test: no devices needed, one variable shared.
+const CRASH_RULES: &str = r#"
+[[rule]]
+name = "set mode"
+trigger = { start = true }
+actions = [{ set_var = "mode", value = "home" }]
+[[rule]]
+name = "morning"
+trigger = { at = "07:30", days = ["mon-fri"] }
+conditions = [{ var = "mode", op = "==", value = "home" }]
+actions = [{ log = "morning" }]
+[[rule]]
+name = "hourly"
+trigger = { every = "1h" }
+actions = [{ log = "tick" }]
+[[rule]]
+name = "weekend"
+enabled = false
+trigger = { cron = "0 0 9 * * sat,sun" }
+actions = [{ log = "weekend" }]
+"#;
+
+/// What the crash test was told: each rule's enabled state, and a change
+/// in flight when hubd died (it may or may not have been committed).
+#[derive(Default)]
+struct RuleStates {
+    enabled: std::collections::BTreeMap<String, bool>,
+    in_flight: Option<(String, bool)>,
+    /// Acknowledged changes in all.
+    acked: usize,
+}
+
+async fn rules_enabled(socket: &Path) -> std::collections::BTreeMap<String, bool> {
+    let mut admin = hub_proto::admin_client(socket).await.unwrap();
+    let rules = admin
+        .list_rules(pb::ListRulesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .rules;
+    rules.into_iter().map(|r| (r.name, r.enabled)).collect()
+}
+
+/// Flips rules on and off as fast as hubd answers, recording each change
+/// hubd acknowledged, until the connection breaks (the crash).
+async fn toggle_rules(socket: PathBuf, states: std::sync::Arc<std::sync::Mutex<RuleStates>>) {
+    let Ok(mut admin) = hub_proto::admin_client(&socket).await else {
+        return;
+    };
+    let names: Vec<String> = states.lock().unwrap().enabled.keys().cloned().collect();
+    for n in 0usize.. {
+        let name = names[n % names.len()].clone();
+        let enabled = !states.lock().unwrap().enabled[&name];
+        states.lock().unwrap().in_flight = Some((name.clone(), enabled));
+        let answer = admin
+            .set_rules_enabled(pb::SetRulesEnabledRequest {
+                names: vec![name.clone()],
+                enabled,
+            })
+            .await;
+        if answer.is_err() {
+            return;
+        }
+        let mut s = states.lock().unwrap();
+        s.enabled.insert(name, enabled);
+        s.in_flight = None;
+        s.acked += 1;
+    }
+}
+
+#[test]
+fn rules_and_their_enabled_state_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let states = std::sync::Arc::new(std::sync::Mutex::new(RuleStates::default()));
+    {
+        let hubd = start(dir.path(), "r0");
+        rt.block_on(async {
+            let mut admin = hub_proto::admin_client(&hubd.socket).await.unwrap();
+            admin
+                .apply_rules(pb::ApplyRulesRequest {
+                    text: CRASH_RULES.to_owned(),
+                    file: "crash.toml".to_owned(),
+                })
+                .await
+                .unwrap();
+            states.lock().unwrap().enabled = rules_enabled(&hubd.socket).await;
+        });
+        let mut child = hubd.child;
+        child.kill().unwrap(); // SIGKILL straight after the acknowledgement
+        child.wait().unwrap();
+    }
+    assert_eq!(states.lock().unwrap().enabled.len(), 4);
+    let delays_ms = [60u64, 15, 140, 35, 90, 200];
+    for cycle in 0..6 {
+        let hubd = start(dir.path(), &format!("r{}", cycle + 1));
+        let stored = rt.block_on(rules_enabled(&hubd.socket));
+        {
+            let mut s = states.lock().unwrap();
+            let names: Vec<&String> = stored.keys().collect();
+            let expected: Vec<&String> = s.enabled.keys().collect();
+            assert_eq!(names, expected, "cycle {cycle}: the rule set changed");
+            for (name, enabled) in &stored {
+                let acked = s.enabled[name];
+                let maybe = s.in_flight.as_ref() == Some(&(name.clone(), *enabled));
+                assert!(
+                    *enabled == acked || maybe,
+                    "cycle {cycle}: rule {name:?} is {enabled}, acknowledged {acked}"
+                );
+            }
+            // What is stored is the truth from here on.
+            s.enabled = stored;
+            s.in_flight = None;
+        }
+        let writer = rt.spawn(toggle_rules(hubd.socket.clone(), states.clone()));
+        std::thread::sleep(Duration::from_millis(delays_ms[cycle % delays_ms.len()]));
+        let mut child = hubd.child;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        rt.block_on(writer).unwrap();
+    }
+    let acked = states.lock().unwrap().acked;
+    assert!(acked > 10, "too few changes to mean anything: {acked}");
+}
