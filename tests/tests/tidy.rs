@@ -279,3 +279,20 @@ fn every_crate_uses_the_workspace_lints() {
         );
     }
 }
+
+#[test]
+fn the_readme_rules_example_is_a_valid_rules_file() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let section = readme
+        .split("## Automations")
+        .nth(1)
+        .expect("README has an Automations section");
+    let example = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the Automations section has a toml example");
+    let rules = hubd::automation::parse_rules(example, "README.md", &|_| true)
+        .unwrap_or_else(|e| panic!("the README's rules example is refused:\n{e}"));
+    assert!(rules.len() >= 5, "{} rules", rules.len());
+}
