@@ -251,15 +251,16 @@ pub async fn start(
             Vec::new()
         }
     };
-    let mut ctx = Snapshot {
+    let ctx = Snapshot {
         vars: vars.into_iter().collect(),
         ..Snapshot::default()
     };
-    for (id, which, payload) in states {
-        if which == RetainedKind::State {
-            ctx.states.insert(id, payload_value(&payload));
-        }
-    }
+    // Parsed by `install` for the devices the rules look at.
+    let raw_states = states
+        .into_iter()
+        .filter(|(_, which, _)| *which == RetainedKind::State)
+        .map(|(id, _, payload)| (id, Bytes::from(payload)))
+        .collect();
     let (vars_tx, vars_rx) = watch::channel(None);
     tracker.spawn(write_vars(registry.clone(), vars_rx));
     let (ctl_tx, ctl_rx) = mpsc::channel(16);
@@ -267,6 +268,8 @@ pub async fn start(
     let mut runner = Runner {
         rules: Vec::new(),
         by_device: HashMap::new(),
+        watched: HashSet::new(),
+        raw_states,
         ctx,
         online: HashSet::new(),
         limiter: RunLimiter::new(),
@@ -608,6 +611,14 @@ struct Runner {
     rules: Vec<Installed>,
     /// Rules whose trigger names a device, by device.
     by_device: HashMap<DeviceId, Vec<usize>>,
+    /// Devices a trigger or a condition looks at: their states are kept
+    /// parsed in `ctx`.
+    watched: HashSet<DeviceId>,
+    /// The last state of every other device, unparsed: the hub sees many
+    /// more states than rules look at, and parsing each would cost the
+    /// runner for nothing. Parsed when a rule starts to look at the device,
+    /// or for a dry run.
+    raw_states: HashMap<DeviceId, Bytes>,
     ctx: Snapshot,
     online: HashSet<DeviceId>,
     limiter: RunLimiter,
@@ -688,9 +699,21 @@ impl Runner {
             self.limiter.forget(name);
         }
         self.by_device.clear();
+        self.watched.clear();
         for (i, installed) in self.rules.iter().enumerate() {
             if let Some(device) = installed.rule.trigger.device() {
                 self.by_device.entry(device.clone()).or_default().push(i);
+                self.watched.insert(device.clone());
+            }
+            for condition in &installed.rule.conditions {
+                if let super::Condition::State { device, .. } = condition {
+                    self.watched.insert(device.clone());
+                }
+            }
+        }
+        for device in &self.watched {
+            if let Some(raw) = self.raw_states.remove(device) {
+                self.ctx.states.insert(device.clone(), payload_value(&raw));
             }
         }
         self.plan_schedules(now);
@@ -734,7 +757,11 @@ impl Runner {
                 let _ = reply.send(());
             }
             Control::Snapshot(reply) => {
-                let _ = reply.send((self.ctx.clone(), (self.clock.now)()));
+                let mut ctx = self.ctx.clone();
+                for (device, raw) in &self.raw_states {
+                    ctx.states.insert(device.clone(), payload_value(raw));
+                }
+                let _ = reply.send((ctx, (self.clock.now)()));
             }
             Control::Stats(reply) => {
                 let stats = self
@@ -771,6 +798,11 @@ impl Runner {
     async fn hub_event(&mut self, e: HubEvent) {
         let event = match e {
             HubEvent::State { device, payload } => {
+                if !self.watched.contains(&device) {
+                    self.ctx.states.remove(&device);
+                    self.raw_states.insert(device, payload);
+                    return;
+                }
                 let value = payload_value(&payload);
                 let previous = self.ctx.states.insert(device.clone(), value.clone());
                 Event::State {
@@ -779,6 +811,7 @@ impl Runner {
                     previous,
                 }
             }
+            HubEvent::Event { device, .. } if !self.by_device.contains_key(&device) => return,
             HubEvent::Event {
                 device,
                 name,

@@ -413,3 +413,33 @@ actions = [{ log = "hot at night" }]
     );
     running.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_rule_applied_later_sees_the_state_that_came_before_it() {
+    let rig = Rig::new("", "2025-06-01T12:00:00Z");
+    add_device(rig.registry.store(), "sensor-1");
+    add_device(rig.registry.store(), "lamp-1");
+    let running = rig.run().await;
+    let state = |t: u32| HubEvent::State {
+        device: id("sensor-1"),
+        payload: Bytes::from(format!(r#"{{"t": {t}}}"#)),
+    };
+    // No rule looks at the sensor yet: its state is kept, unparsed.
+    running.bus.send(state(30));
+    pass(Duration::from_millis(10)).await;
+    let rules = r#"[[rule]]
+name = "hot"
+trigger = { state = "sensor-1", pointer = "/t", op = ">", value = 25 }
+actions = [{ command = "lamp-1", name = "on" }]
+"#;
+    running.handle.apply(rules, "r.toml").await.unwrap();
+    // Still hot is not a crossing; cooling and heating again is.
+    for t in [31, 20, 26] {
+        running.bus.send(state(t));
+    }
+    pass(Duration::from_millis(10)).await;
+    let sent = rig.sent();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].1, "d/lamp-1/cmd/on");
+    running.stop().await;
+}
