@@ -118,6 +118,19 @@ pub fn prepare_state_dir(path: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// Opens the store sealed under `keys/data.key`. The key is created only
+/// for a new store or one from before encryption at rest (schema 1, values
+/// in clear, sealed as it opens); a sealed store whose key is gone is an
+/// error naming the key file, never a silently new key.
+pub fn open_store(state_dir: &Path) -> Result<Store, Error> {
+    let store_path = state_dir.join("hub.redb");
+    let key_path = state_dir.join("keys").join("data.key");
+    let may_create =
+        !key_path.exists() && matches!(Store::peek_schema(&store_path)?, None | Some(1));
+    let key = store::DataKey::open_or_create(&key_path, may_create)?;
+    Ok(Store::open(&store_path, key)?)
+}
+
 /// Runs the hub until `shutdown` is cancelled (Ok) or a subsystem fails (Err).
 ///
 /// `config.hub.state_dir` must be set (the caller resolves it, see
@@ -142,7 +155,7 @@ pub async fn run(
             .await
             .map_err(|_| Error::Subsystem("ca setup"))??
     };
-    let store = Store::open(&state_dir.join("hub.redb"))?;
+    let store = open_store(&state_dir)?;
     let registry = RegistryHandle::new(store, ca, config.ca.clone());
     // A server certificate that expired while the hub was off is renewed before
     // the edge starts with it.

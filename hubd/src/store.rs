@@ -5,10 +5,14 @@
 //! opaque ids (device ids, certificate serials, fixed meta keys), never by
 //! names a householder typed, so a key never leaks personal data.
 //!
-//! Values are JSON for now. They pass through [`Store::encode`] and
-//! [`Store::decode`], the single seam where AEAD encryption under the data key
-//! will go; both already receive the table and key so that the ciphertext can
-//! be bound to its slot (as associated data) when encryption arrives.
+//! Values are encrypted at rest (principle 8). Every value of every table
+//! but `meta` is JSON sealed with ChaCha20-Poly1305 under the per-install
+//! data key ([`DataKey`], `keys/data.key`, 0600): a random 96-bit nonce, then
+//! the ciphertext and tag. The associated data names the table and the key,
+//! so a sealed value copied to another slot does not open. ChaCha20 rather
+//! than AES-GCM: a Raspberry Pi before the 5 has no AES instructions.
+//! Destroying the data key makes every copy of the store unreadable, also
+//! the stale blocks flash wear-levelling keeps (crypto-erase).
 //!
 //! Durability: every write whose success the caller reports to a user is
 //! committed with redb's default `Durability::Immediate` (fsync) before the
@@ -23,6 +27,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -30,7 +36,10 @@ use crate::model::{DeviceId, Grants, Role};
 
 /// The layout version this hubd writes. A store with a greater version was
 /// written by a newer hubd and is refused rather than misread.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// The tables whose values are sealed under the data key: all but `meta`.
+pub const SEALED_TABLES: [&str; 5] = ["devices", "certs", "retained", "rules", "automation"];
 
 /// Device records, keyed by device id.
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
@@ -54,6 +63,10 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const META_SCHEMA_VERSION: &str = "schema_version";
 const META_CRL_NUMBER: &str = "crl_number";
+/// A constant sealed under the data key: opening it proves the key is the
+/// one the store was sealed with, before any record is read.
+const META_KEY_CHECK: &str = "key_check";
+const KEY_CHECK_PLAIN: &[u8] = b"hubd data key check";
 
 /// redb's page cache limit. Its default is 1 GiB, as much as a small
 /// Raspberry Pi has in all; the hub's working set is a few megabytes.
@@ -212,6 +225,10 @@ pub enum Error {
         key: String,
         detail: String,
     },
+    /// The data key file is missing where the store needs it, unreadable,
+    /// malformed, or readable by others.
+    #[error("data key {}: {detail}", .path.display())]
+    DataKey { path: PathBuf, detail: String },
     /// The caller passed records that do not belong together; nothing was
     /// written. Refused because a certificate filed under the wrong device
     /// would escape that device's revocation.
@@ -233,6 +250,109 @@ impl<T, E: Into<redb::Error>> DbContext<T> for Result<T, E> {
     }
 }
 
+/// The per-install key that seals every stored value. It never leaves this
+/// module in clear: not in logs (its `Debug` shows nothing), not in any API.
+#[derive(Clone)]
+pub struct DataKey {
+    key: Arc<LessSafeKey>,
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataKey(..)")
+    }
+}
+
+/// Length of the data key file: 32 random bytes.
+pub const DATA_KEY_LEN: usize = 32;
+
+impl DataKey {
+    /// Loads `path`, or creates it (32 bytes from the OS RNG, 0600, in a
+    /// 0700 directory, fsynced) if it does not exist and `may_create`. A
+    /// key file group or others can read is refused, naming the file.
+    pub fn open_or_create(path: &Path, may_create: bool) -> Result<DataKey, Error> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+        let err = |detail: String| Error::DataKey {
+            path: path.to_owned(),
+            detail,
+        };
+        if !path.exists() {
+            if !may_create {
+                return Err(err(
+                    "missing: the store was sealed with it and cannot be read without it".into(),
+                ));
+            }
+            if let Some(dir) = path.parent() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|e| err(format!("cannot create its directory: {e}")))?;
+            }
+            let mut bytes = [0u8; DATA_KEY_LEN];
+            SystemRandom::new()
+                .fill(&mut bytes)
+                .map_err(|_| err("the OS random number generator failed".into()))?;
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| err(format!("cannot create: {e}")))?;
+            io::Write::write_all(&mut file, &bytes)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| err(format!("cannot write: {e}")))?;
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| err(format!("cannot sync its directory: {e}")))?;
+            }
+            return DataKey::from_bytes(&bytes).map_err(err);
+        }
+        let mode = std::fs::metadata(path)
+            .map_err(|e| err(e.to_string()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(err(format!(
+                "has mode {:04o}: it must be readable by hubd alone (chmod 600 {})",
+                mode & 0o777,
+                path.display()
+            )));
+        }
+        let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        DataKey::from_bytes(&bytes).map_err(err)
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<DataKey, String> {
+        if bytes.len() != DATA_KEY_LEN {
+            return Err(format!(
+                "is {} bytes long, not {DATA_KEY_LEN}: not a hubd data key",
+                bytes.len()
+            ));
+        }
+        let key = UnboundKey::new(&CHACHA20_POLY1305, bytes)
+            .map_err(|_| "not a ChaCha20-Poly1305 key".to_owned())?;
+        Ok(DataKey {
+            key: Arc::new(LessSafeKey::new(key)),
+        })
+    }
+
+    /// A key that exists only in memory, for tests.
+    pub fn ephemeral() -> DataKey {
+        let mut bytes = [0u8; DATA_KEY_LEN];
+        SystemRandom::new()
+            .fill(&mut bytes)
+            .expect("the OS random number generator is available");
+        DataKey::from_bytes(&bytes).expect("32 bytes make a key")
+    }
+}
+
+/// The associated data that binds a sealed value to its slot.
+fn slot(table: &str, key: &str) -> Vec<u8> {
+    format!("hubd/2/{table}/{key}").into_bytes()
+}
+
 /// A handle on the open store. Cloning is cheap and shares one database;
 /// the file is closed (and any non-durable commits made durable) when the
 /// last clone is dropped.
@@ -242,6 +362,9 @@ pub struct Store {
     db: Arc<Database>,
     /// The file, for error messages.
     path: Arc<Path>,
+    /// Seals and opens every value but `meta`'s.
+    key: DataKey,
+    rng: SystemRandom,
 }
 
 impl std::fmt::Debug for Store {
@@ -257,7 +380,7 @@ impl Store {
     /// `meta["schema_version"]` absent (a new file) is set to
     /// [`SCHEMA_VERSION`]; a greater version is refused with
     /// [`Error::SchemaTooNew`] and the file is left untouched by hubd.
-    pub fn open(path: &Path) -> Result<Store, Error> {
+    pub fn open(path: &Path, key: DataKey) -> Result<Store, Error> {
         let open_err = |source: redb::Error| Error::Open {
             path: path.to_owned(),
             source,
@@ -289,6 +412,8 @@ impl Store {
         let store = Store {
             db: Arc::new(db),
             path: Arc::from(path),
+            key,
+            rng: SystemRandom::new(),
         };
         store.init_schema()?;
         Ok(store)
@@ -326,9 +451,27 @@ impl Store {
                     supported: SCHEMA_VERSION,
                 });
             }
+            Some(1) => {
+                // Version 1 stored values in clear: seal them all, in the
+                // same transaction that records version 2.
+                for (table, name) in Self::sealed_tables() {
+                    let mut t = txn.open_table(table).ctx(path)?;
+                    let mut clear = Vec::new();
+                    for entry in t.iter().ctx(path)? {
+                        let (k, v) = entry.ctx(path)?;
+                        clear.push((k.value().to_owned(), v.value().to_vec()));
+                    }
+                    for (k, v) in clear {
+                        let sealed = self.seal(name, &k, &v)?;
+                        t.insert(k.as_str(), sealed.as_slice()).ctx(path)?;
+                    }
+                }
+                let mut meta = txn.open_table(META).ctx(path)?;
+                self.meta_put(&mut meta, META_SCHEMA_VERSION, &SCHEMA_VERSION)?;
+                tracing::info!(store = %path.display(), "store upgraded to schema 2: every value is now encrypted at rest");
+            }
             Some(found) if found < SCHEMA_VERSION => {
-                // Migrations from older layouts go here when there is one; no
-                // hubd has ever written a version below 1.
+                // No hubd has ever written a version below 1.
                 txn.abort().ctx(path)?;
                 return Err(self.corrupt(
                     "meta",
@@ -338,7 +481,69 @@ impl Store {
             }
             Some(_) => {}
         }
+        let key_ok = {
+            let mut meta = txn.open_table(META).ctx(path)?;
+            let check = meta
+                .get(META_KEY_CHECK)
+                .ctx(path)?
+                .map(|v| v.value().to_vec());
+            match check {
+                Some(sealed) => {
+                    self.open_sealed("meta", META_KEY_CHECK, &sealed)
+                        .ok()
+                        .as_deref()
+                        == Some(KEY_CHECK_PLAIN)
+                }
+                None => {
+                    let sealed = self.seal("meta", META_KEY_CHECK, KEY_CHECK_PLAIN)?;
+                    meta.insert(META_KEY_CHECK, sealed.as_slice()).ctx(path)?;
+                    true
+                }
+            }
+        };
+        if !key_ok {
+            txn.abort().ctx(path)?;
+            return Err(Error::DataKey {
+                path: path.to_owned(),
+                detail:
+                    "the store was sealed with another data key: it cannot be read with this one"
+                        .to_owned(),
+            });
+        }
         txn.commit().ctx(path)
+    }
+
+    /// The schema version of the store at `path` without opening it for
+    /// use: `None` if there is no store there yet. Version 1 stores hold
+    /// their values in clear and need no data key to open.
+    pub fn peek_schema(path: &Path) -> Result<Option<u32>, Error> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let db = Database::builder()
+            .set_cache_size(1024 * 1024)
+            .open(path)
+            .map_err(|e| Error::Open {
+                path: path.to_owned(),
+                source: e.into(),
+            })?;
+        let txn = db.begin_read().ctx(path)?;
+        let meta = match txn.open_table(META) {
+            Ok(meta) => meta,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e).ctx(path),
+        };
+        match meta.get(META_SCHEMA_VERSION).ctx(path)? {
+            Some(v) => serde_json::from_slice(v.value())
+                .map(Some)
+                .map_err(|e| Error::Corrupt {
+                    path: path.to_owned(),
+                    table: "meta",
+                    key: META_SCHEMA_VERSION.to_owned(),
+                    detail: e.to_string(),
+                }),
+            None => Ok(None),
+        }
     }
 
     /// Records a newly paired device and its first certificate in one
@@ -595,7 +800,7 @@ impl Store {
                 if payload.is_empty() {
                     retained.remove(key.as_str()).ctx(path)?;
                 } else {
-                    let sealed = self.seal(&key, payload);
+                    let sealed = self.seal("retained", &key, payload)?;
                     retained.insert(key.as_str(), sealed.as_slice()).ctx(path)?;
                 }
             }
@@ -618,7 +823,7 @@ impl Store {
             let Some((id, which)) = parsed else {
                 return Err(self.corrupt("retained", key, "not <device id>/state or /meta".into()));
             };
-            out.push((id, which, self.open_sealed(key, value.value())));
+            out.push((id, which, self.open_sealed("retained", key, value.value())?));
         }
         Ok(out)
     }
@@ -776,16 +981,73 @@ impl Store {
             .ok_or_else(|| self.corrupt("meta", META_SCHEMA_VERSION, "missing".to_owned()))
     }
 
-    // The encryption seam. Every record value goes through `encode`/`decode`
-    // and every raw payload through `seal`/`open_sealed`; nothing else reads
-    // or writes value bytes. Today they are the identity for payloads.
-
-    fn seal(&self, _key: &str, payload: &[u8]) -> Vec<u8> {
-        payload.to_vec()
+    /// Every table whose values are sealed, with its name.
+    fn sealed_tables() -> [(
+        TableDefinition<'static, &'static str, &'static [u8]>,
+        &'static str,
+    ); 5] {
+        [
+            (DEVICES, "devices"),
+            (CERTS, "certs"),
+            (RETAINED, "retained"),
+            (RULES, "rules"),
+            (AUTOMATION, "automation"),
+        ]
     }
 
-    fn open_sealed(&self, _key: &str, bytes: &[u8]) -> Vec<u8> {
-        bytes.to_vec()
+    // Every value but meta's goes through `seal`/`open_sealed` (records
+    // through `encode`/`decode` first); nothing else reads or writes value
+    // bytes.
+
+    fn seal(&self, table: &'static str, key: &str, plain: &[u8]) -> Result<Vec<u8>, Error> {
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng.fill(&mut nonce).map_err(|_| Error::Encode {
+            path: self.path.to_path_buf(),
+            table,
+            key: key.to_owned(),
+            detail: "the OS random number generator failed".to_owned(),
+        })?;
+        let mut out = Vec::with_capacity(NONCE_LEN + plain.len() + CHACHA20_POLY1305.tag_len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plain);
+        let tag = self
+            .key
+            .key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(slot(table, key)),
+                &mut out[NONCE_LEN..],
+            )
+            .map_err(|_| Error::Encode {
+                path: self.path.to_path_buf(),
+                table,
+                key: key.to_owned(),
+                detail: "sealing failed".to_owned(),
+            })?;
+        out.extend_from_slice(tag.as_ref());
+        Ok(out)
+    }
+
+    fn open_sealed(&self, table: &'static str, key: &str, bytes: &[u8]) -> Result<Vec<u8>, Error> {
+        let bad = || {
+            self.corrupt(
+                table,
+                key,
+                "cannot be decrypted: not sealed with this hub's data key, or changed".to_owned(),
+            )
+        };
+        if bytes.len() < NONCE_LEN + CHACHA20_POLY1305.tag_len() {
+            return Err(bad());
+        }
+        let (nonce, sealed) = bytes.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| bad())?;
+        let mut buf = sealed.to_vec();
+        let plain = self
+            .key
+            .key
+            .open_in_place(nonce, Aad::from(slot(table, key)), &mut buf)
+            .map_err(|_| bad())?;
+        Ok(plain.to_vec())
     }
 
     fn encode<T: Serialize>(
@@ -794,12 +1056,13 @@ impl Store {
         key: &str,
         value: &T,
     ) -> Result<Vec<u8>, Error> {
-        serde_json::to_vec(value).map_err(|e| Error::Encode {
+        let json = serde_json::to_vec(value).map_err(|e| Error::Encode {
             path: self.path.to_path_buf(),
             table,
             key: key.to_owned(),
             detail: e.to_string(),
-        })
+        })?;
+        self.seal(table, key, &json)
     }
 
     fn decode<T: DeserializeOwned>(
@@ -808,7 +1071,8 @@ impl Store {
         key: &str,
         bytes: &[u8],
     ) -> Result<T, Error> {
-        serde_json::from_slice(bytes).map_err(|e| self.corrupt(table, key, e.to_string()))
+        let json = self.open_sealed(table, key, bytes)?;
+        serde_json::from_slice(&json).map_err(|e| self.corrupt(table, key, e.to_string()))
     }
 
     /// Decodes a device and checks that it is filed under its own id, so a
@@ -906,6 +1170,12 @@ fn create_private(path: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    /// One key for the whole test process, so stores reopen.
+    fn test_key() -> DataKey {
+        static KEY: std::sync::OnceLock<DataKey> = std::sync::OnceLock::new();
+        KEY.get_or_init(DataKey::ephemeral).clone()
+    }
+
     fn device(id: &str, serial: &str) -> (DeviceRecord, CertRecord) {
         let id = DeviceId::parse(id).unwrap();
         let device = DeviceRecord {
@@ -934,7 +1204,7 @@ mod tests {
     fn temp_store() -> (tempfile::TempDir, PathBuf, Store) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.redb");
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, test_key()).unwrap();
         (dir, path, store)
     }
 
@@ -956,7 +1226,7 @@ mod tests {
     fn missing_parent_is_an_error_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("no/such/hub.redb");
-        let msg = Store::open(&path).unwrap_err().to_string();
+        let msg = Store::open(&path, test_key()).unwrap_err().to_string();
         assert!(
             msg.starts_with(&format!("store {}: cannot open", path.display())),
             "{msg}"
@@ -968,8 +1238,95 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.redb");
         std::fs::write(&path, vec![0x5a; 64 * 1024]).unwrap();
-        let err = Store::open(&path).unwrap_err();
+        let err = Store::open(&path, test_key()).unwrap_err();
         assert!(matches!(err, Error::Open { .. }), "{err}");
+    }
+
+    #[test]
+    fn values_are_sealed_on_disk_and_need_the_right_key() {
+        let (dir, path, store) = temp_store();
+        let (mut d, c) = device("dev-1", "01");
+        d.name = "canary-7f3e kitchen".to_owned();
+        store.enroll(&d, &c).unwrap();
+        store
+            .put_retained(&[(d.id.clone(), RetainedKind::State, b"canary-7f3e".to_vec())])
+            .unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let raw = std::fs::read(&path).unwrap();
+        assert!(
+            !raw.windows(11).any(|w| w == b"canary-7f3e"),
+            "personal data in clear in the store file"
+        );
+        // Another key cannot open it, and says so before reading anything.
+        let err = Store::open(&path, DataKey::ephemeral()).unwrap_err();
+        assert!(matches!(err, Error::DataKey { .. }), "{err}");
+        assert!(err.to_string().contains("another data key"), "{err}");
+        let store = Store::open(&path, test_key()).unwrap();
+        assert_eq!(store.device(&d.id).unwrap().unwrap().name, d.name);
+        drop(dir);
+    }
+
+    #[test]
+    fn a_schema_1_store_in_clear_is_sealed_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.redb");
+        let (d, c) = device("dev-1", "01");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut meta = txn.open_table(META).unwrap();
+                meta.insert(META_SCHEMA_VERSION, b"1".as_slice()).unwrap();
+                let mut devices = txn.open_table(DEVICES).unwrap();
+                let json = serde_json::to_vec(&d).unwrap();
+                devices.insert("dev-1", json.as_slice()).unwrap();
+                let mut certs = txn.open_table(CERTS).unwrap();
+                let json = serde_json::to_vec(&c).unwrap();
+                certs.insert("01", json.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        assert_eq!(Store::peek_schema(&path).unwrap(), Some(1));
+        let store = Store::open(&path, test_key()).unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(store.device(&d.id).unwrap(), Some(d.clone()));
+        assert_eq!(store.cert("01").unwrap(), Some(c));
+        drop(store);
+        let raw = std::fs::read(&path).unwrap();
+        assert!(!raw.windows(14).any(|w| w == b"Kitchen sensor"));
+        assert_eq!(Store::peek_schema(&path).unwrap(), Some(SCHEMA_VERSION));
+        assert_eq!(
+            Store::peek_schema(&dir.path().join("none.redb")).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn the_data_key_file_is_private_and_checked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys").join("data.key");
+        let err = DataKey::open_or_create(&path, false).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+        DataKey::open_or_create(&path, true).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let dir_mode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
+        assert_eq!(std::fs::read(&path).unwrap().len(), DATA_KEY_LEN);
+        DataKey::open_or_create(&path, false).unwrap();
+        assert_eq!(format!("{:?}", DataKey::ephemeral()), "DataKey(..)");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = DataKey::open_or_create(&path, false).unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&path, b"short").unwrap();
+        let err = DataKey::open_or_create(&path, false).unwrap_err();
+        assert!(err.to_string().contains("not a hubd data key"), "{err}");
     }
 
     fn rule(id: &str, name: &str) -> RuleRecord {
@@ -992,7 +1349,7 @@ mod tests {
             .replace_rules(&[rule("02", "b"), rule("03", "c")])
             .unwrap();
         drop(store);
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, test_key()).unwrap();
         assert_eq!(
             store.rules().unwrap(),
             vec![rule("02", "b"), rule("03", "c")]
@@ -1020,7 +1377,7 @@ mod tests {
         ];
         store.put_automation_vars(&vars).unwrap();
         drop(store);
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, test_key()).unwrap();
         assert_eq!(store.automation_vars().unwrap(), vars);
     }
 
@@ -1031,7 +1388,7 @@ mod tests {
         store.enroll(&d, &c).unwrap();
         drop(store);
 
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, test_key()).unwrap();
         assert_eq!(store.device(&d.id).unwrap(), Some(d.clone()));
         assert_eq!(store.devices().unwrap(), vec![d]);
         assert_eq!(store.cert("0a1b").unwrap(), Some(c));
@@ -1096,7 +1453,7 @@ mod tests {
         assert_eq!(revoked.state, DeviceState::Revoked);
         drop(store);
 
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, test_key()).unwrap();
         assert_eq!(
             store.device(&d1.id).unwrap().unwrap().state,
             DeviceState::Revoked
@@ -1136,7 +1493,7 @@ mod tests {
             }
             txn.commit().unwrap();
         }
-        let err = Store::open(&path).unwrap_err();
+        let err = Store::open(&path, test_key()).unwrap_err();
         assert!(
             matches!(err, Error::SchemaTooNew { found, supported, .. } if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION),
             "{err}"
@@ -1158,7 +1515,7 @@ mod tests {
         assert_eq!(store.next_crl_number().unwrap(), 1);
         assert_eq!(store.next_crl_number().unwrap(), 2);
         drop(store);
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, test_key()).unwrap();
         assert_eq!(store.next_crl_number().unwrap(), 3);
     }
 
@@ -1183,7 +1540,7 @@ mod tests {
         let clone = store.clone();
         drop(store);
         drop(clone);
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, test_key()).unwrap();
         assert_eq!(
             store.device(&d.id).unwrap().unwrap().last_seen,
             1_700_000_700
@@ -1193,6 +1550,11 @@ mod tests {
     #[test]
     fn corrupt_value_names_table_and_key() {
         let (_dir, path, store) = temp_store();
+        let (d, _) = device("dev-1", "01");
+        let json = serde_json::to_vec(&d).unwrap();
+        // Sealed for dev-1's slot, and sealed for dev-8's slot with dev-1's record.
+        let for_dev1 = store.seal("devices", "dev-1", &json).unwrap();
+        let claims_dev1 = store.seal("devices", "dev-8", &json).unwrap();
         drop(store);
         {
             let db = Database::create(&path).unwrap();
@@ -1200,14 +1562,17 @@ mod tests {
             {
                 let mut devices = txn.open_table(DEVICES).unwrap();
                 devices.insert("dev-9", b"{not json".as_slice()).unwrap();
-                // A valid record filed under someone else's id.
-                let (d, _) = device("dev-1", "01");
-                let moved = serde_json::to_vec(&d).unwrap();
-                devices.insert("dev-8", moved.as_slice()).unwrap();
+                devices.insert("dev-7", for_dev1.as_slice()).unwrap();
+                devices.insert("dev-8", claims_dev1.as_slice()).unwrap();
             }
             txn.commit().unwrap();
         }
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, test_key()).unwrap();
+        // A value moved to another slot does not even open.
+        let err = store
+            .device(&DeviceId::parse("dev-7").unwrap())
+            .unwrap_err();
+        assert!(err.to_string().contains("cannot be decrypted"), "{err}");
         let err = store
             .device(&DeviceId::parse("dev-9").unwrap())
             .unwrap_err();
@@ -1237,7 +1602,7 @@ mod tests {
     fn renewal_removal_and_updates_are_durable_and_consistent() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.redb");
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, test_key()).unwrap();
         let (dev, cert) = device("a", "01");
         store.enroll(&dev, &cert).unwrap();
 
@@ -1270,7 +1635,7 @@ mod tests {
             .unwrap();
         assert_eq!(isolated.state, DeviceState::Isolated);
         drop(store);
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, test_key()).unwrap();
         assert_eq!(
             store
                 .device(&dev.id)
@@ -1305,7 +1670,7 @@ mod tests {
     fn retained_state_is_bounded_per_device_and_cleared_by_empty_payloads() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.redb");
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, test_key()).unwrap();
         let (dev, cert) = device("a", "01");
         store.enroll(&dev, &cert).unwrap();
         let a = dev.id.clone();
@@ -1318,7 +1683,7 @@ mod tests {
             .unwrap();
         store.flush().unwrap();
         drop(store);
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, test_key()).unwrap();
         let mut got = store.retained().unwrap();
         got.sort_by_key(|(_, k, _)| k.suffix());
         assert_eq!(

@@ -10,7 +10,7 @@ use super::*;
 use crate::bus::{self, BusTx};
 use crate::ca::Ca;
 use crate::config::CaSection;
-use crate::store::Store;
+use crate::store::{DataKey, Store};
 
 type Sent = Arc<Mutex<Vec<(Timestamp, String, Value)>>>;
 
@@ -43,7 +43,7 @@ impl Rig {
     fn new(rules: &str, base: &str) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::open_or_create(&dir.path().join("ca"), &[], 90).unwrap();
-        let store = Store::open(&dir.path().join("hub.redb")).unwrap();
+        let store = Store::open(&dir.path().join("hub.redb"), DataKey::ephemeral()).unwrap();
         let parsed = ruleset::parse_file(rules, "t.toml", &|_| true).unwrap();
         let records: Vec<RuleRecord> = parsed
             .iter()
