@@ -29,6 +29,7 @@ pub struct Config {
     pub ca: CaSection,
     pub pairing: PairingSection,
     pub automation: AutomationSection,
+    pub privacy: PrivacySection,
 }
 
 /// `[hub]`: identity, state and logging.
@@ -138,6 +139,15 @@ pub struct AutomationSection {
     pub history: usize,
 }
 
+/// `[privacy]`: how long personal data is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrivacySection {
+    /// Days of device history (states and events) kept; older records are
+    /// deleted hourly. 0 keeps no history at all.
+    pub history_days: u32,
+}
+
 // The defaults below must equal config/hubd.toml; the unit test
 // `shipped_file_equals_default` fails when they drift apart.
 
@@ -211,6 +221,12 @@ impl Default for AutomationSection {
             timezone: String::new(),
             history: 1000,
         }
+    }
+}
+
+impl Default for PrivacySection {
+    fn default() -> Self {
+        PrivacySection { history_days: 7 }
     }
 }
 
@@ -484,6 +500,13 @@ impl Config {
             self.automation.history,
             10,
             100_000,
+        )?;
+        check_range(
+            "privacy",
+            "history_days",
+            self.privacy.history_days,
+            0,
+            3650,
         )?;
         Ok(())
     }
@@ -797,6 +820,7 @@ mod tests {
         assert_eq!(count("ca"), 4);
         assert_eq!(count("pairing"), 6);
         assert_eq!(count("automation"), 2);
+        assert_eq!(count("privacy"), 1);
     }
 
     #[test]

@@ -181,6 +181,7 @@ pub async fn run(
         isolated: registry.isolated()?,
         pairing_cfg: config.pairing.clone(),
         bus: Some(bus_tx.clone()),
+        keep_history: config.privacy.history_days > 0,
     };
     let edge = edge::start(setup, &edge_tasks, edge_stop.clone()).await?;
 
@@ -238,6 +239,11 @@ pub async fn run(
         failed_tx.clone(),
     ));
     aux_tasks.spawn(flush_store(registry.clone(), aux_stop.clone()));
+    aux_tasks.spawn(prune_history(
+        registry.clone(),
+        config.privacy.history_days,
+        aux_stop.clone(),
+    ));
 
     aux_tasks.spawn(retire_superseded(
         registry.clone(),
@@ -387,6 +393,31 @@ async fn watch_clock(status: String, stop: CancellationToken) {
         std::future::ready(ControlFlow::Continue(()))
     })
     .await
+}
+
+/// At start and hourly: deletes device history older than `days` (all of
+/// it when `days` is 0, so turning history off also clears it).
+async fn prune_history(registry: RegistryHandle, days: u32, stop: CancellationToken) {
+    let prune = || async {
+        let cutoff = jiff::Timestamp::now().as_millisecond() - i64::from(days) * 86_400_000;
+        match on_registry(&registry, move |r| {
+            r.store()
+                .prune_history(cutoff)
+                .map_err(registry::Error::from)
+        })
+        .await
+        {
+            Ok(0) => {}
+            Ok(pruned) => info!(
+                pruned,
+                days, "device history older than the retention pruned"
+            ),
+            Err(e) => warn!(error = %e, "pruning device history failed"),
+        }
+        ControlFlow::Continue(())
+    };
+    let _ = prune().await;
+    every(RENEW_CHECK, stop, prune).await
 }
 
 /// Every minute: makes informational writes durable.

@@ -65,7 +65,7 @@ use crate::config::EdgeSection;
 use crate::config::PairingSection;
 use crate::model::{DeviceId, Qos};
 use crate::registry::RegistryHandle;
-use crate::store::RetainedKind;
+use crate::store::{HistoryRecord, RetainedKind};
 pub use pairing_listener::OpenedWindow;
 
 /// Client id of the hub's own router link. `_` cannot appear in a device id,
@@ -370,6 +370,9 @@ struct Shared {
     retained_tx: mpsc::Sender<(DeviceId, RetainedKind, Vec<u8>)>,
     /// What devices do, for automation: states, events, online, offline.
     bus: Option<BusTx>,
+    /// Device states and events on their way to the history (none when
+    /// `[privacy] history_days` is 0).
+    history_tx: Option<mpsc::Sender<HistoryRecord>>,
     /// Cancels watch tasks at shutdown.
     shutdown: CancellationToken,
 }
@@ -643,6 +646,8 @@ pub struct Setup {
     pub pairing_cfg: PairingSection,
     /// Where device states, events and comings and goings are announced.
     pub bus: Option<BusTx>,
+    /// Whether device states and events are kept in the history.
+    pub keep_history: bool,
 }
 
 /// Starts the rumqttd router and the edge's accept loop on `listener`. The
@@ -660,6 +665,7 @@ pub async fn start(
         isolated,
         pairing_cfg,
         bus,
+        keep_history,
     } = setup;
     let local_addr = listener.local_addr().map_err(Error::Listener)?;
     let tls = material.build()?;
@@ -722,6 +728,11 @@ pub async fn start(
         shutdown.clone(),
     ));
 
+    let history_tx = keep_history.then(|| {
+        let (tx, rx) = mpsc::channel(RETAINED_QUEUE);
+        tracker.spawn(write_history(registry.clone(), rx, shutdown.clone()));
+        tx
+    });
     let shared = Arc::new(Shared {
         cfg,
         tls: ArcSwap::new(tls),
@@ -742,6 +753,7 @@ pub async fn start(
         next_hub_pkid: AtomicU64::new(0),
         retained_tx,
         bus,
+        history_tx,
         shutdown: shutdown.clone(),
     });
     let handle = EdgeHandle {
@@ -797,6 +809,64 @@ async fn write_retained(
             Err(_) => warn!("storing retained device state panicked"),
         }
     }
+}
+
+/// Writes device history in batches, keeping at most one record per device
+/// topic a second (a device that floods does not flood the store; its
+/// latest state is in `retained` anyway). Not durable per batch, like
+/// retained state.
+async fn write_history(
+    registry: RegistryHandle,
+    mut rx: mpsc::Receiver<HistoryRecord>,
+    shutdown: CancellationToken,
+) {
+    let mut last: HashMap<(DeviceId, String), i64> = HashMap::new();
+    loop {
+        let first = tokio::select! {
+            biased;
+            next = rx.recv() => match next {
+                Some(record) => record,
+                None => return,
+            },
+            _ = shutdown.cancelled() => {
+                rx.close();
+                continue;
+            }
+        };
+        let mut batch = Vec::new();
+        let mut next = Some(first);
+        while let Some(record) = next.take() {
+            let slot = (record.device.clone(), record.topic.clone());
+            if !last.get(&slot).is_some_and(|t| record.at_ms - t < 1000) {
+                last.insert(slot, record.at_ms);
+                batch.push(record);
+            }
+            if batch.len() < 1024 {
+                next = rx.try_recv().ok();
+            }
+        }
+        // Bounded memory: devices that name many event topics reset it.
+        if last.len() > 100_000 {
+            last.clear();
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let registry = registry.clone();
+        let written =
+            tokio::task::spawn_blocking(move || registry.store().append_history(&batch)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "cannot store device history"),
+            Err(_) => warn!("storing device history panicked"),
+        }
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Admission token bucket: `rate` tokens a second up to `burst`. A connection
@@ -1367,6 +1437,23 @@ impl Conn {
         let Some(suffix) = acl::own_suffix(id, topic) else {
             return;
         };
+        if let Some(history) = &self.shared.history_tx {
+            let name = if suffix == "state" {
+                Some("state")
+            } else {
+                suffix.strip_prefix("event/")
+            };
+            if let Some(name) = name {
+                let record = HistoryRecord {
+                    device: id.clone(),
+                    at_ms: unix_ms(),
+                    topic: name.to_owned(),
+                    payload: String::from_utf8_lossy(&publish.payload).into_owned(),
+                };
+                // A full queue drops history, never the message.
+                let _ = history.try_send(record);
+            }
+        }
         if let (Some(bus), Principal::Device(_)) = (&self.shared.bus, &self.principal) {
             if suffix == "state" {
                 bus.send(HubEvent::State {

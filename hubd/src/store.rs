@@ -26,7 +26,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    TableHandle,
+};
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::de::DeserializeOwned;
@@ -39,7 +42,14 @@ use crate::model::{DeviceId, Grants, Role};
 pub const SCHEMA_VERSION: u32 = 2;
 
 /// The tables whose values are sealed under the data key: all but `meta`.
-pub const SEALED_TABLES: [&str; 5] = ["devices", "certs", "retained", "rules", "automation"];
+pub const SEALED_TABLES: [&str; 6] = [
+    "devices",
+    "certs",
+    "retained",
+    "history",
+    "rules",
+    "automation",
+];
 
 /// Device records, keyed by device id.
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
@@ -49,6 +59,11 @@ const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certs");
 /// `<device id>/state` and `<device id>/meta`: bounded to two values per
 /// device, never a history.
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+/// What devices reported over time: states and events, keyed by
+/// `<device id>/<unix ms, 16 hex><sequence, 8 hex>` so that one device's
+/// records are one key range (removal) and each device's are in time order.
+/// Pruned by age (`[privacy] history_days`).
+const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("history");
 /// Automation rules, keyed by an opaque random rule id (never the rule's
 /// name, which a householder typed).
 const RULES: TableDefinition<&str, &[u8]> = TableDefinition::new("rules");
@@ -124,6 +139,25 @@ pub struct RuleRecord {
     pub updated_at: i64,
 }
 
+/// One thing a device reported, as kept in the history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryRecord {
+    #[serde(with = "device_id_serde")]
+    pub device: DeviceId,
+    /// Unix milliseconds, when the hub received it.
+    pub at_ms: i64,
+    /// `"state"`, or the event's name for `d/<id>/event/<name>`.
+    pub topic: String,
+    /// The payload as text (JSON, as devices send it; other bytes lossily).
+    pub payload: String,
+}
+
+impl HistoryRecord {
+    fn key(&self, seq: u32) -> String {
+        format!("{}/{:016x}{seq:08x}", self.device, self.at_ms.max(0))
+    }
+}
+
 /// Which retained topic of a device a stored payload belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RetainedKind {
@@ -163,6 +197,12 @@ pub struct CertRecord {
     pub not_after: i64,
     /// Set once, when the certificate is revoked; it then belongs on the CRL.
     pub revoked_at: Option<i64>,
+}
+
+/// The key range of one device's history: `<id>/` up to `<id>0` ('0' is
+/// the character after '/').
+fn device_range(id: &DeviceId) -> (String, String) {
+    (format!("{id}/"), format!("{id}0"))
 }
 
 /// `DeviceId` is stored as its string and re-validated on the way in, so a
@@ -434,6 +474,7 @@ impl Store {
             txn.open_table(RETAINED).ctx(path)?;
             txn.open_table(RULES).ctx(path)?;
             txn.open_table(AUTOMATION).ctx(path)?;
+            txn.open_table(HISTORY).ctx(path)?;
             self.meta_get::<u32>(&meta, META_SCHEMA_VERSION)?
         };
         match found {
@@ -741,6 +782,11 @@ impl Store {
             for which in RetainedKind::ALL {
                 retained.remove(which.key(id).as_str()).ctx(path)?;
             }
+            let mut history = txn.open_table(HISTORY).ctx(path)?;
+            let (lo, hi) = device_range(id);
+            history
+                .retain_in(lo.as_str()..hi.as_str(), |_, _| false)
+                .ctx(path)?;
             device
         };
         txn.commit().ctx(path)?;
@@ -826,6 +872,100 @@ impl Store {
             out.push((id, which, self.open_sealed("retained", key, value.value())?));
         }
         Ok(out)
+    }
+
+    /// Appends to the history, in one transaction. Not durable on return,
+    /// like [`Store::put_retained`]: history comes at message rate and a
+    /// power cut may lose the last minute of it.
+    pub fn append_history(&self, records: &[HistoryRecord]) -> Result<(), Error> {
+        let path = &*self.path;
+        let mut txn = self.db.begin_write().ctx(path)?;
+        txn.set_durability(Durability::None).ctx(path)?;
+        {
+            let mut table = txn.open_table(HISTORY).ctx(path)?;
+            for record in records {
+                // The sequence tells apart records of one device in one ms.
+                let mut seq = 0u32;
+                let key = loop {
+                    let key = record.key(seq);
+                    if table.get(key.as_str()).ctx(path)?.is_none() {
+                        break key;
+                    }
+                    seq += 1;
+                };
+                let bytes = self.encode("history", &key, record)?;
+                table.insert(key.as_str(), bytes.as_slice()).ctx(path)?;
+            }
+        }
+        txn.commit().ctx(path)
+    }
+
+    /// One device's history (all devices' when `None`), oldest first per device.
+    pub fn history(&self, device: Option<&DeviceId>) -> Result<Vec<HistoryRecord>, Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_read().ctx(path)?;
+        let table = txn.open_table(HISTORY).ctx(path)?;
+        let mut out = Vec::new();
+        let entries = match device {
+            Some(id) => {
+                let (lo, hi) = device_range(id);
+                table.range(lo.as_str()..hi.as_str()).ctx(path)?
+            }
+            None => table.range::<&str>(..).ctx(path)?,
+        };
+        for entry in entries {
+            let (k, v) = entry.ctx(path)?;
+            out.push(self.decode::<HistoryRecord>("history", k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes history older than `cutoff_ms` (Unix ms); returns how many
+    /// records went. Durable on return. The age is in the key, so nothing
+    /// is decrypted to decide.
+    pub fn prune_history(&self, cutoff_ms: i64) -> Result<u64, Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_write().ctx(path)?;
+        let mut pruned = 0u64;
+        {
+            let mut table = txn.open_table(HISTORY).ctx(path)?;
+            let cutoff = format!("{:016x}", cutoff_ms.max(0));
+            table
+                .retain(|key, _| {
+                    let old = key
+                        .rsplit_once('/')
+                        .is_some_and(|(_, t)| t.get(..16).is_some_and(|t| t < cutoff.as_str()));
+                    pruned += u64::from(old);
+                    !old
+                })
+                .ctx(path)?;
+        }
+        txn.commit().ctx(path)?;
+        Ok(pruned)
+    }
+
+    /// How many records each sealed table holds, by table name.
+    pub fn counts(&self) -> Result<Vec<(&'static str, u64)>, Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_read().ctx(path)?;
+        let mut out = Vec::new();
+        for (table, name) in Self::sealed_tables() {
+            let t = txn.open_table(table).ctx(path)?;
+            out.push((name, t.len().ctx(path)?));
+        }
+        Ok(out)
+    }
+
+    /// The names of the tables the file actually holds.
+    pub fn table_names(&self) -> Result<Vec<String>, Error> {
+        let path = &*self.path;
+        let txn = self.db.begin_read().ctx(path)?;
+        let names = txn
+            .list_tables()
+            .ctx(path)?
+            .map(|t| t.name().to_owned())
+            .collect();
+        Ok(names)
     }
 
     /// Every stored rule, in id order.
@@ -985,11 +1125,12 @@ impl Store {
     fn sealed_tables() -> [(
         TableDefinition<'static, &'static str, &'static [u8]>,
         &'static str,
-    ); 5] {
+    ); 6] {
         [
             (DEVICES, "devices"),
             (CERTS, "certs"),
             (RETAINED, "retained"),
+            (HISTORY, "history"),
             (RULES, "rules"),
             (AUTOMATION, "automation"),
         ]
@@ -1327,6 +1468,46 @@ mod tests {
         std::fs::write(&path, b"short").unwrap();
         let err = DataKey::open_or_create(&path, false).unwrap_err();
         assert!(err.to_string().contains("not a hubd data key"), "{err}");
+    }
+
+    fn rec(device: &str, at_ms: i64, payload: &str) -> HistoryRecord {
+        HistoryRecord {
+            device: DeviceId::parse(device).unwrap(),
+            at_ms,
+            topic: "state".to_owned(),
+            payload: payload.to_owned(),
+        }
+    }
+
+    #[test]
+    fn history_is_per_device_in_time_order_pruned_by_age_and_removed_with_its_device() {
+        let (_dir, _path, store) = temp_store();
+        let (d, c) = device("dev-1", "01");
+        store.enroll(&d, &c).unwrap();
+        store
+            .append_history(&[
+                rec("dev-1", 3_000, "c"),
+                rec("dev-1", 1_000, "a"),
+                rec("dev-1", 1_000, "a2"),
+                rec("dev-2", 2_000, "b"),
+            ])
+            .unwrap();
+        let mine: Vec<String> = store
+            .history(Some(&d.id))
+            .unwrap()
+            .into_iter()
+            .map(|r| r.payload)
+            .collect();
+        assert_eq!(mine, ["a", "a2", "c"]);
+        assert_eq!(store.history(None).unwrap().len(), 4);
+        assert_eq!(store.prune_history(2_000).unwrap(), 2);
+        assert_eq!(store.history(None).unwrap().len(), 2);
+        store.remove_device(&d.id, 10).unwrap();
+        let left = store.history(None).unwrap();
+        assert_eq!(left, [rec("dev-2", 2_000, "b")]);
+        let counts: std::collections::HashMap<_, _> = store.counts().unwrap().into_iter().collect();
+        assert_eq!(counts["history"], 1);
+        assert_eq!(counts["devices"], 0);
     }
 
     fn rule(id: &str, name: &str) -> RuleRecord {
