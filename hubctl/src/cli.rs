@@ -80,6 +80,20 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// Show what personal data the hub holds, where, why and for how long.
+    Privacy {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write all the personal data the hub holds to FILE as JSON (mode 0600).
+    Export {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the messages hubd routes on topics matching FILTER, one line each.
     Watch {
         /// An MQTT topic filter, e.g. d/+/state or '#'.

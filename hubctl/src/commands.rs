@@ -99,6 +99,10 @@ pub(crate) async fn execute(
             json,
         } => watch(filter, count, json, &inv.socket, out).await,
         Command::Rules { command } => crate::rules::execute(command, &inv.socket, out).await,
+        Command::Privacy { json } => crate::privacy::privacy(json, &inv.socket, out).await,
+        Command::Export { out: path, force } => {
+            crate::privacy::export(path, force, &inv.socket, out).await
+        }
     }
 }
 
@@ -329,7 +333,19 @@ fn removed_line(id: &str, reset: bool, answer: &v1::RemoveDeviceResponse) -> Str
             (false, false) => "reset not sent",
         });
     }
-    format!("removed {} ({})\n", output::sanitize(id), notes.join("; "))
+    let mut line = format!("removed {} ({})\n", output::sanitize(id), notes.join("; "));
+    if !answer.rules_disabled.is_empty() {
+        let names: Vec<String> = answer
+            .rules_disabled
+            .iter()
+            .map(|n| output::sanitize(n))
+            .collect();
+        line.push_str(&format!(
+            "disabled the rules that named it: {} (hubctl rules show NAME)\n",
+            names.join(", ")
+        ));
+    }
+    line
 }
 
 /// `devices grant` and `devices revoke-grant`.
@@ -650,7 +666,7 @@ fn read_csr(what: &str, path: &Path) -> Result<String, Error> {
 /// temporary file is renamed over the old one, so a reader never sees half a
 /// certificate. The temporary file is always new, so it never inherits the
 /// mode of a leftover one.
-fn write_new(path: &Path, contents: &[u8], force: bool, mode: u32) -> io::Result<()> {
+pub(crate) fn write_new(path: &Path, contents: &[u8], force: bool, mode: u32) -> io::Result<()> {
     let create = |p: &Path| {
         fs::OpenOptions::new()
             .write(true)

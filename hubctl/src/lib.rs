@@ -14,6 +14,7 @@ use std::time::Duration;
 mod cli;
 mod commands;
 mod output;
+mod privacy;
 mod rules;
 mod socket;
 

@@ -423,6 +423,7 @@ impl Admin for FakeHub {
             was_connected: device.connected,
             reset_sent,
             reset_acknowledged: reset_sent && device.id == "7h3k2m",
+            rules_disabled: Vec::new(),
         }))
     }
 
@@ -483,8 +484,9 @@ impl Admin for FakeHub {
         Ok(Response::new(device))
     }
 
-    // `hubctl rules` is tested against the real hubd (tests/tests/automation.rs):
-    // its answers come from the rules engine, which a fake would only mimic.
+    // `hubctl rules`, `privacy` and `export` are tested against the real hubd
+    // (tests/tests/automation.rs, tests/tests/privacy.rs): their answers come
+    // from the rules engine and the store, which a fake would only mimic.
 
     async fn apply_rules(
         &self,
@@ -525,6 +527,20 @@ impl Admin for FakeHub {
         &self,
         _: Request<v1::RuleHistoryRequest>,
     ) -> Result<Response<v1::RuleHistoryResponse>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    async fn privacy(
+        &self,
+        _: Request<v1::PrivacyRequest>,
+    ) -> Result<Response<v1::PrivacyResponse>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    async fn export(
+        &self,
+        _: Request<v1::ExportRequest>,
+    ) -> Result<Response<v1::ExportResponse>, Status> {
         Err(Status::unimplemented("not in the fake hub"))
     }
 }

@@ -35,7 +35,7 @@ use crate::edge::{self, EdgeHandle};
 use crate::model::{DeviceId, DeviceName, Grants, Qos, Role};
 use crate::pairing::{SetupCode, WindowInfo};
 use crate::registry::{self, RegistryHandle};
-use crate::store::{DeviceRecord, DeviceState, RetainedKind};
+use crate::store::{self, DeviceRecord, DeviceState, RetainedKind};
 
 /// The largest CSR accepted, PEM: a P-256 CSR is well under 1 KiB.
 const MAX_CSR_BYTES: usize = 16 * 1024;
@@ -198,6 +198,9 @@ pub struct ApiState {
     pub automation: AutomationHandle,
     /// For the count of device events automation missed.
     pub bus: BusTx,
+    /// `[hub] name` and `[privacy] history_days`, for privacy and export.
+    pub hub_name: String,
+    pub history_days: u32,
     pub started: Instant,
     pub max_payload: usize,
 }
@@ -635,6 +638,139 @@ impl Admin for Service {
         Ok(Response::new(pb::TestRulesResponse { steps }))
     }
 
+    async fn privacy(
+        &self,
+        _: Request<pb::PrivacyRequest>,
+    ) -> Result<Response<pb::PrivacyResponse>, Status> {
+        let registry = self.state.registry.clone();
+        let counts =
+            blocking(move || registry.store().counts().map_err(registry::Error::from)).await?;
+        let runs = self.state.automation.history(None, usize::MAX).await?.len();
+        let days = self.state.history_days;
+        let items = store::INVENTORY
+            .iter()
+            .map(|item| {
+                let count = match item.table {
+                    Some(table) => counts
+                        .iter()
+                        .find(|(name, _)| *name == table)
+                        .map_or(-1, |(_, n)| i64::try_from(*n).unwrap_or(i64::MAX)),
+                    None if item.export == Some("rule_runs") => runs as i64,
+                    None => -1,
+                };
+                let retention = match item.retention {
+                    store::Retention::UntilRemoved => "until you remove it".to_owned(),
+                    store::Retention::LatestOnly => {
+                        "the latest only; removed with its device".to_owned()
+                    }
+                    store::Retention::HistoryDays if days == 0 => {
+                        "not kept ([privacy] history_days = 0)".to_owned()
+                    }
+                    store::Retention::HistoryDays => {
+                        format!("{days} days ([privacy] history_days), pruned hourly")
+                    }
+                    store::Retention::MemoryOnly => {
+                        "in memory only, the most recent runs; gone at restart".to_owned()
+                    }
+                    store::Retention::WithTheCa => {
+                        "as long as this hub's CA (hubctl wipe ends it)".to_owned()
+                    }
+                    store::Retention::Journal => "the system journal's own settings".to_owned(),
+                };
+                pb::PrivacyItem {
+                    place: item.place.to_owned(),
+                    holds: item.holds.to_owned(),
+                    why: item.why.to_owned(),
+                    retention,
+                    count,
+                    export_key: item.export.unwrap_or_default().to_owned(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::PrivacyResponse { items }))
+    }
+
+    async fn export(
+        &self,
+        _: Request<pb::ExportRequest>,
+    ) -> Result<Response<pb::ExportResponse>, Status> {
+        let registry = self.state.registry.clone();
+        let (devices, certs, retained, history) = blocking(move || {
+            let store = registry.store();
+            Ok::<_, registry::Error>((
+                store.devices()?,
+                store.all_certs()?,
+                store.retained()?,
+                store.history(None)?,
+            ))
+        })
+        .await?;
+        let rules = self.state.automation.rules().await?;
+        let variables = self.state.automation.variables().await?;
+        let runs = self.state.automation.history(None, usize::MAX).await?;
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        let as_json = |bytes: &[u8]| {
+            serde_json::from_slice::<serde_json::Value>(bytes)
+                .unwrap_or_else(|_| serde_json::Value::String(text(bytes)))
+        };
+        let mut states: std::collections::BTreeMap<
+            String,
+            serde_json::Map<String, serde_json::Value>,
+        > = Default::default();
+        for (id, which, payload) in &retained {
+            states
+                .entry(id.to_string())
+                .or_default()
+                .insert(which.suffix().to_owned(), as_json(payload));
+        }
+        let doc = serde_json::json!({
+            "format": "hubd-export/1",
+            "hub": self.state.hub_name,
+            "exported_at": jiff::Timestamp::now().round(jiff::Unit::Second).map_or_else(|_| String::new(), |t| t.to_string()),
+            "devices": devices.iter().map(|d| serde_json::json!({
+                "id": d.id.as_str(),
+                "name": d.name,
+                "kind": d.kind,
+                "role": format!("{:?}", d.role).to_lowercase(),
+                "state": format!("{:?}", d.state).to_lowercase(),
+                "isolation_reason": d.isolation_reason,
+                "grants": { "publish": d.grants.publish, "subscribe": d.grants.subscribe },
+                "created_at": d.created_at,
+                "last_seen": d.last_seen,
+            })).collect::<Vec<_>>(),
+            "certificates": certs.iter().map(|c| serde_json::json!({
+                "serial": c.serial_hex,
+                "device": c.device.as_str(),
+                "issued_at": c.issued_at,
+                "not_after": c.not_after,
+                "revoked_at": c.revoked_at,
+            })).collect::<Vec<_>>(),
+            "states": states,
+            "history": history.iter().map(|h| serde_json::json!({
+                "device": h.device.as_str(),
+                "at_ms": h.at_ms,
+                "topic": h.topic,
+                "payload": h.payload,
+            })).collect::<Vec<_>>(),
+            "rules": rules.iter().map(|r| serde_json::json!({
+                "name": r.name,
+                "enabled": r.enabled,
+                "source": r.source,
+            })).collect::<Vec<_>>(),
+            "variables": variables.into_iter().collect::<serde_json::Map<_, _>>(),
+            "rule_runs": runs.iter().map(|r| serde_json::json!({
+                "rule": r.rule,
+                "at": r.at.to_string(),
+                "trigger": r.trigger,
+                "outcome": r.outcome.to_string(),
+                "actions": r.actions,
+            })).collect::<Vec<_>>(),
+        });
+        let json = serde_json::to_vec_pretty(&doc)
+            .map_err(|e| Status::internal(format!("export: {e}")))?;
+        Ok(Response::new(pb::ExportResponse { json }))
+    }
+
     async fn rule_history(
         &self,
         req: Request<pb::RuleHistoryRequest>,
@@ -885,10 +1021,12 @@ impl Admin for Service {
                 .await?;
         }
         self.refresh_isolated().await?;
+        let rules_disabled = self.state.automation.disable_naming(&id).await?;
         Ok(Response::new(pb::RemoveDeviceResponse {
             was_connected,
             reset_sent,
             reset_acknowledged,
+            rules_disabled,
         }))
     }
 

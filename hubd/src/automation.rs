@@ -277,6 +277,19 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// Whether the rule names `device` anywhere: trigger, condition or command.
+    pub fn names_device(&self, device: &DeviceId) -> bool {
+        self.trigger.device() == Some(device)
+            || self
+                .conditions
+                .iter()
+                .any(|c| matches!(c, Condition::State { device: d, .. } if d == device))
+            || self
+                .actions
+                .iter()
+                .any(|a| matches!(a, ActionTemplate::Command { device: d, .. } if d == device))
+    }
+
     /// The schedule the runner must wake up for, if the trigger is one.
     pub fn schedule(&self) -> Option<&Schedule> {
         match &self.trigger {

@@ -211,6 +211,8 @@ pub async fn run(
             edge: edge.clone(),
             automation: automation.clone(),
             bus: bus_tx,
+            hub_name: config.hub.name.clone(),
+            history_days: config.privacy.history_days,
             started,
             max_payload: config.edge.max_packet_size,
         };

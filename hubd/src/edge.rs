@@ -837,7 +837,7 @@ async fn write_history(
         let mut next = Some(first);
         while let Some(record) = next.take() {
             let slot = (record.device.clone(), record.topic.clone());
-            if !last.get(&slot).is_some_and(|t| record.at_ms - t < 1000) {
+            if last.get(&slot).is_none_or(|t| record.at_ms - t >= 1000) {
                 last.insert(slot, record.at_ms);
                 batch.push(record);
             }

@@ -393,6 +393,114 @@ fn slot(table: &str, key: &str) -> Vec<u8> {
     format!("hubd/2/{table}/{key}").into_bytes()
 }
 
+/// Where a kind of personal data lives, why, and for how long: the source
+/// of `hubctl privacy`. A unit test holds it to the tables the store file
+/// really has, so it cannot drift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InventoryItem {
+    /// The store table, or `None` for data outside the store file.
+    pub table: Option<&'static str>,
+    /// Where it is kept, for a reader.
+    pub place: &'static str,
+    pub holds: &'static str,
+    pub why: &'static str,
+    pub retention: Retention,
+    /// The key of this data in `hubctl export`'s JSON; `None` if not exported.
+    pub export: Option<&'static str>,
+}
+
+/// How long an inventory item is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// Until the owner removes it (or the device it belongs to).
+    UntilRemoved,
+    /// Only the latest value; removed with its device.
+    LatestOnly,
+    /// `[privacy] history_days`, pruned hourly.
+    HistoryDays,
+    /// In memory, the last N entries; gone at restart.
+    MemoryOnly,
+    /// Kept while the hub's CA lives: revoked certificates stay on the CRL.
+    WithTheCa,
+    /// By the system journal's own settings.
+    Journal,
+}
+
+pub const INVENTORY: &[InventoryItem] = &[
+    InventoryItem {
+        table: Some("devices"),
+        place: "hub.redb, table devices (encrypted)",
+        holds: "each device's name, kind, role, state, isolation reason, grants, when it was paired and last seen",
+        why: "to know which devices may connect and to show them to you",
+        retention: Retention::UntilRemoved,
+        export: Some("devices"),
+    },
+    InventoryItem {
+        table: Some("certs"),
+        place: "hub.redb, table certs (encrypted)",
+        holds: "certificate serials, device ids and validity times",
+        why: "to check certificates and publish the revocation list",
+        retention: Retention::WithTheCa,
+        export: Some("certificates"),
+    },
+    InventoryItem {
+        table: Some("retained"),
+        place: "hub.redb, table retained (encrypted)",
+        holds: "each device's latest state and metadata as it reported them",
+        why: "to give a restarted hub and its automations the current state",
+        retention: Retention::LatestOnly,
+        export: Some("states"),
+    },
+    InventoryItem {
+        table: Some("history"),
+        place: "hub.redb, table history (encrypted)",
+        holds: "device states and events over time (at most one a second per device topic)",
+        why: "device history for you and for automations' context",
+        retention: Retention::HistoryDays,
+        export: Some("history"),
+    },
+    InventoryItem {
+        table: Some("rules"),
+        place: "hub.redb, table rules (encrypted)",
+        holds: "your automation rules",
+        why: "to run your automations",
+        retention: Retention::UntilRemoved,
+        export: Some("rules"),
+    },
+    InventoryItem {
+        table: Some("automation"),
+        place: "hub.redb, table automation (encrypted)",
+        holds: "hub variables your rules set (such as \"away\")",
+        why: "to run your automations",
+        retention: Retention::UntilRemoved,
+        export: Some("variables"),
+    },
+    InventoryItem {
+        table: Some("meta"),
+        place: "hub.redb, table meta",
+        holds: "the store's schema version, the CRL number and the data key check: no personal data",
+        why: "to open the store safely",
+        retention: Retention::WithTheCa,
+        export: None,
+    },
+    InventoryItem {
+        table: None,
+        place: "memory",
+        holds: "recent automation runs: which rule, when, what it did",
+        why: "hubctl rules history",
+        retention: Retention::MemoryOnly,
+        export: Some("rule_runs"),
+    },
+    InventoryItem {
+        table: None,
+        place: "system journal",
+        holds: "device ids, connection and security events, rule log lines",
+        why: "to diagnose problems and spot attacks",
+        retention: Retention::Journal,
+        export: None,
+    },
+];
+
 /// A handle on the open store. Cloning is cheap and shares one database;
 /// the file is closed (and any non-durable commits made durable) when the
 /// last clone is dropped.
@@ -1036,6 +1144,11 @@ impl Store {
         txn.commit().ctx(path)
     }
 
+    /// Every certificate ever issued, revoked or not.
+    pub fn all_certs(&self) -> Result<Vec<CertRecord>, Error> {
+        self.certs_where(|_| true)
+    }
+
     /// Every revoked certificate: the content of the next CRL.
     pub fn revoked_certs(&self) -> Result<Vec<CertRecord>, Error> {
         self.certs_where(|c| c.revoked_at.is_some())
@@ -1468,6 +1581,24 @@ mod tests {
         std::fs::write(&path, b"short").unwrap();
         let err = DataKey::open_or_create(&path, false).unwrap_err();
         assert!(err.to_string().contains("not a hubd data key"), "{err}");
+    }
+
+    #[test]
+    fn the_privacy_inventory_names_exactly_the_tables_the_store_has() {
+        let (_dir, _path, store) = temp_store();
+        let mut actual = store.table_names().unwrap();
+        actual.sort();
+        let mut listed: Vec<String> = INVENTORY
+            .iter()
+            .filter_map(|i| i.table.map(str::to_owned))
+            .collect();
+        listed.sort();
+        assert_eq!(actual, listed);
+        // Every sealed table is in it, and said to be encrypted.
+        for table in SEALED_TABLES {
+            let item = INVENTORY.iter().find(|i| i.table == Some(table)).unwrap();
+            assert!(item.place.contains("encrypted"), "{item:?}");
+        }
     }
 
     fn rec(device: &str, at_ms: i64, payload: &str) -> HistoryRecord {

@@ -444,6 +444,26 @@ impl AutomationHandle {
         Ok(changed)
     }
 
+    /// Disables every enabled rule that names `device` (it has just been
+    /// removed): such a rule would run half-broken. Returns their names.
+    pub async fn disable_naming(&self, device: &DeviceId) -> Result<Vec<String>, Error> {
+        let names: Vec<RuleName> = {
+            let stored = self.stored_sorted().await?;
+            let rules = ruleset::load(&sources(&stored))?;
+            rules
+                .into_iter()
+                .filter(|s| s.rule.enabled && s.rule.names_device(device))
+                .map(|s| s.rule.name)
+                .collect()
+        };
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let changed = self.set_enabled(&names, false).await?;
+        warn!(%device, rules = ?changed, "device removed: the rules that named it are disabled");
+        Ok(changed)
+    }
+
     /// Removes rules by name. Refused whole if a name is unknown, or if the
     /// rules left would not be valid (one reads a variable only a removed
     /// rule sets).
@@ -550,6 +570,12 @@ impl AutomationHandle {
     ) -> Result<Vec<RunRecord>, Error> {
         self.ask(|reply| Control::History { rule, limit, reply })
             .await
+    }
+
+    /// The hub variables, by name.
+    pub async fn variables(&self) -> Result<BTreeMap<String, Value>, Error> {
+        let (ctx, _) = self.ask(Control::Snapshot).await?;
+        Ok(ctx.vars.into_iter().collect())
     }
 
     pub async fn status(&self) -> Result<Status, Error> {
