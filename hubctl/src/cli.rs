@@ -105,6 +105,42 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Erase everything the hub holds and its CA, for a new owner, and save
+    /// the receipt the new CA signs; or check a saved receipt (`wipe verify`).
+    Wipe(WipeArgs),
+}
+
+/// `wipe`: the wipe itself, or with a subcommand, something about wipes that
+/// needs no hub.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct WipeArgs {
+    #[command(subcommand)]
+    pub(crate) action: Option<WipeAction>,
+    /// Do not ask for the hub's name before wiping.
+    #[arg(long)]
+    pub(crate) yes: bool,
+    /// Save the signed receipt to FILE (not on the hub's own state dir: it
+    /// is wiped). The receipt is printed either way.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) receipt: Option<PathBuf>,
+    /// How long hubd waits for devices to acknowledge the reset, e.g. 10s
+    /// or 1m [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) timeout: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum WipeAction {
+    /// Check a saved wipe receipt offline: that it is unchanged and signed by
+    /// the new CA it names. Needs no hub.
+    Verify {
+        /// The receipt file ("-" for standard input).
+        receipt: PathBuf,
+        /// Print the receipt as JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -385,7 +421,7 @@ pub(crate) enum RoleArg {
 
 /// A duration as typed by the user: `90`, `90s`, `5m`, `1h`, `1h30m`; whole
 /// seconds, more than zero.
-fn parse_duration(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<u32, String> {
     let bad = || format!("{s:?} is not a duration like 90s, 5m or 1h");
     if s.is_empty() {
         return Err(bad());

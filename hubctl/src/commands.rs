@@ -103,6 +103,7 @@ pub(crate) async fn execute(
         Command::Export { out: path, force } => {
             crate::privacy::export(path, force, &inv.socket, out).await
         }
+        Command::Wipe(args) => crate::wipe::execute(args, &inv.socket, out, err).await,
     }
 }
 
@@ -736,7 +737,7 @@ pub(crate) async fn call<T>(
 }
 
 /// Awaits one RPC for at most `limit`, naming `what` in any error.
-async fn call_within<T>(
+pub(crate) async fn call_within<T>(
     what: &str,
     limit: Duration,
     rpc: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,

@@ -17,6 +17,7 @@ mod output;
 mod privacy;
 mod rules;
 mod socket;
+mod wipe;
 
 /// Exit code: the command succeeded.
 pub const EXIT_OK: u8 = 0;
@@ -100,6 +101,14 @@ pub enum Error {
     /// A JSON view could not be serialized.
     #[error("writing json: {0}")]
     Json(#[source] serde_json::Error),
+    /// A wipe receipt does not verify. The reason may quote the file, so it
+    /// is sanitized for the terminal.
+    #[error("{what}: {}", output::sanitize(&source.to_string()))]
+    Receipt {
+        what: String,
+        #[source]
+        source: hub_proto::receipt::ReceiptError,
+    },
     /// The tokio runtime could not be built.
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] io::Error),
@@ -122,6 +131,7 @@ impl Error {
             | Error::NotWritten { .. }
             | Error::Output(_)
             | Error::Json(_)
+            | Error::Receipt { .. }
             | Error::Runtime(_) => EXIT_FAILED,
         }
     }
@@ -145,6 +155,7 @@ impl Error {
             | Error::NotWritten { .. }
             | Error::Output(_)
             | Error::Json(_)
+            | Error::Receipt { .. }
             | Error::Runtime(_) => None,
         }
     }

@@ -1144,6 +1144,7 @@ mod tests {
             mqtt_listen: "0.0.0.0:8883".into(),
             clock_warning: String::new(),
             automation: None,
+            hub_name: "home".into(),
         };
         let view = StatusView::from(&s);
         let json = serde_json::to_value(&view).expect("serializes");

@@ -241,6 +241,7 @@ impl Admin for FakeHub {
             ca_fingerprint: "ab".repeat(32),
             mqtt_listen: "0.0.0.0:8883".into(),
             clock_warning: String::new(),
+            hub_name: "home".into(),
             automation: Some(v1::AutomationStatus {
                 rules: 3,
                 rules_enabled: 2,
@@ -541,6 +542,14 @@ impl Admin for FakeHub {
         &self,
         _: Request<v1::ExportRequest>,
     ) -> Result<Response<v1::ExportResponse>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    // The wipe is tested against the real hubd (tests/tests/wipe.rs).
+    async fn wipe(
+        &self,
+        _: Request<v1::WipeRequest>,
+    ) -> Result<Response<v1::WipeResponse>, Status> {
         Err(Status::unimplemented("not in the fake hub"))
     }
 }

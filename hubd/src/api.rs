@@ -13,6 +13,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -36,6 +38,7 @@ use crate::model::{DeviceId, DeviceName, Grants, Qos, Role};
 use crate::pairing::{SetupCode, WindowInfo};
 use crate::registry::{self, RegistryHandle};
 use crate::store::{self, DeviceRecord, DeviceState, RetainedKind};
+use crate::wipe;
 
 /// The largest CSR accepted, PEM: a P-256 CSR is well under 1 KiB.
 const MAX_CSR_BYTES: usize = 16 * 1024;
@@ -201,6 +204,10 @@ pub struct ApiState {
     /// `[hub] name` and `[privacy] history_days`, for privacy and export.
     pub hub_name: String,
     pub history_days: u32,
+    /// Where a wipe is handed to the daemon, and the flag that refuses
+    /// every other call while one runs.
+    pub wipe: tokio::sync::mpsc::Sender<wipe::Job>,
+    pub wiping: Arc<AtomicBool>,
     pub started: Instant,
     pub max_payload: usize,
 }
@@ -230,12 +237,22 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let incoming = async_stream(listener, admin_group);
+    let wiping = state.wiping.clone();
     let service = AdminServer::with_interceptor(
         Service {
             state,
             stop: shutdown.clone(),
         },
-        authorize,
+        move |request: Request<()>| {
+            let request = authorize(request)?;
+            // The wipe's own call is already past this point.
+            if wiping.load(Ordering::SeqCst) {
+                return Err(Status::unavailable(
+                    "the hub is being wiped; try again when it has started afresh",
+                ));
+            }
+            Ok(request)
+        },
     );
     tonic::transport::Server::builder()
         .add_service(service)
@@ -503,6 +520,7 @@ impl Admin for Service {
             ca_fingerprint: self.state.registry.ca_fingerprint().to_owned(),
             mqtt_listen: self.state.edge.local_addr().to_string(),
             clock_warning: crate::clock::warning().unwrap_or_default(),
+            hub_name: self.state.hub_name.clone(),
             automation: Some(pb::AutomationStatus {
                 rules: automation.rules,
                 rules_enabled: automation.enabled,
@@ -769,6 +787,55 @@ impl Admin for Service {
         let json = serde_json::to_vec_pretty(&doc)
             .map_err(|e| Status::internal(format!("export: {e}")))?;
         Ok(Response::new(pb::ExportResponse { json }))
+    }
+
+    async fn wipe(
+        &self,
+        req: Request<pb::WipeRequest>,
+    ) -> Result<Response<pb::WipeResponse>, Status> {
+        let req = req.into_inner();
+        if req.confirm_name != self.state.hub_name {
+            return Err(Status::invalid_argument(format!(
+                "confirm_name: {:?} is not this hub's name: type the hub's short name to wipe it",
+                req.confirm_name
+            )));
+        }
+        let reset_timeout = match req.reset_timeout_seconds {
+            0 => Duration::from_secs(10),
+            n => Duration::from_secs(u64::from(n.min(300))),
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = wipe::Job {
+            request: wipe::Request { reset_timeout },
+            reply,
+        };
+        self.state
+            .wipe
+            .try_send(job)
+            .map_err(|_| Status::failed_precondition("a wipe is already running"))?;
+        let report = answer
+            .await
+            .map_err(|_| Status::internal("the wipe stopped without a report"))?
+            .map_err(|why| {
+                Status::internal(format!(
+                    "wipe failed: {why}; hubd finishes it when it next starts"
+                ))
+            })?;
+        let receipt = hub_proto::receipt::Receipt {
+            format: hub_proto::receipt::FORMAT.to_owned(),
+            hub: report.hub,
+            started_at: report.started_at,
+            finished_at: report.finished_at,
+            old_ca_fingerprint: report.old_ca_fingerprint,
+            new_ca_fingerprint: report.new_ca_fingerprint,
+            destroyed: report.destroyed,
+            devices_acknowledged: report.acknowledged,
+            devices_not_acknowledged: report.not_acknowledged,
+            new_ca_pem: report.new_ca_pem,
+        };
+        let receipt = hub_proto::receipt::sign(&receipt, &report.new_ca_key_pkcs8)
+            .map_err(|e| Status::internal(format!("signing the receipt: {e}")))?;
+        Ok(Response::new(pb::WipeResponse { receipt }))
     }
 
     async fn rule_history(

@@ -388,6 +388,13 @@ impl Ca {
     }
 
     /// The CA certificate as PEM.
+    /// The CA's private key as PKCS#8 DER. Only for signing a wipe
+    /// receipt with a CA that has just been made; nothing else needs the key
+    /// outside this module.
+    pub fn key_pkcs8_der(&self) -> Vec<u8> {
+        self.root.issuer.key().serialize_der()
+    }
+
     pub fn ca_pem(&self) -> &str {
         &self.root.ca_pem
     }

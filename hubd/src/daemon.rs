@@ -32,6 +32,8 @@ use crate::model::Qos;
 use crate::registry::{self, RegistryHandle};
 use crate::store::{self, Store};
 use crate::systemd;
+use crate::wipe;
+use bytes::Bytes;
 
 /// How long shutdown may take before the daemon gives up waiting.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
@@ -73,6 +75,10 @@ pub enum Error {
     Api(#[from] api::Error),
     #[error("automation: {0}")]
     Automation(#[from] automation::Error),
+    #[error(transparent)]
+    WipeFiles(#[from] wipe::Error),
+    #[error("wipe failed (it is finished on the next start): {0}")]
+    Wipe(String),
     #[error("{0} stopped unexpectedly")]
     Subsystem(&'static str),
 }
@@ -146,6 +152,65 @@ pub async fn run(
         None => config.resolve_state_dir(&|k| std::env::var_os(k))?,
     };
     prepare_state_dir(&state_dir)?;
+    // The sockets outlive a wipe: each start of the hub gets its own handles
+    // on the same bound sockets.
+    let listen_err = |source| Error::StateDir {
+        path: state_dir.clone(),
+        source,
+    };
+    let mqtt = listeners.mqtt.into_std().map_err(listen_err)?;
+    let admin = listeners.admin.into_std().map_err(listen_err)?;
+    loop {
+        let incarnation = Listeners {
+            mqtt: TcpListener::from_std(mqtt.try_clone().map_err(listen_err)?)
+                .map_err(listen_err)?,
+            admin: UnixListener::from_std(admin.try_clone().map_err(listen_err)?)
+                .map_err(listen_err)?,
+        };
+        match run_once(&config, &state_dir, incarnation, &shutdown, started).await? {
+            Exit::Stopped => return Ok(()),
+            Exit::Wiped => info!("wiped: starting afresh, as on first start"),
+        }
+    }
+}
+
+/// How one start of the hub ended.
+enum Exit {
+    Stopped,
+    /// The state was wiped: start again on the fresh state.
+    Wiped,
+}
+
+/// One start of the hub, from opening the state to shutting down.
+async fn run_once(
+    config: &Config,
+    state_dir: &Path,
+    listeners: Listeners,
+    shutdown: &CancellationToken,
+    started: Instant,
+) -> Result<Exit, Error> {
+    let state_dir = state_dir.to_owned();
+    // A wipe a crash or power cut interrupted is finished before anything
+    // of the old state is opened.
+    let interrupted = {
+        let dir = state_dir.clone();
+        tokio::task::spawn_blocking(move || -> Result<_, wipe::Error> {
+            let pending = wipe::pending(&dir)?;
+            if pending.is_some() {
+                wipe::erase(&dir)?;
+            }
+            Ok(pending)
+        })
+        .await
+        .map_err(|_| Error::Subsystem("wipe recovery"))??
+    };
+    if let Some(marker) = &interrupted {
+        warn!(
+            started_at = %marker.started_at,
+            old_ca = %marker.old_ca_fingerprint,
+            "an interrupted wipe was finished: everything of the old hub is destroyed"
+        );
+    }
 
     let ca = {
         let dir = state_dir.join("ca");
@@ -156,6 +221,9 @@ pub async fn run(
             .map_err(|_| Error::Subsystem("ca setup"))??
     };
     let store = open_store(&state_dir)?;
+    if interrupted.is_some() {
+        wipe::finish(&state_dir)?;
+    }
     let registry = RegistryHandle::new(store, ca, config.ca.clone());
     // A server certificate that expired while the hub was off is renewed before
     // the edge starts with it.
@@ -205,6 +273,8 @@ pub async fn run(
 
     let api_stop = CancellationToken::new();
     let api_tasks = TaskTracker::new();
+    let (wipe_tx, mut wipe_rx) = mpsc::channel::<wipe::Job>(1);
+    let wiping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let state = ApiState {
             registry: registry.clone(),
@@ -213,6 +283,8 @@ pub async fn run(
             bus: bus_tx,
             hub_name: config.hub.name.clone(),
             history_days: config.privacy.history_days,
+            wipe: wipe_tx,
+            wiping: wiping.clone(),
             started,
             max_payload: config.edge.max_packet_size,
         };
@@ -271,13 +343,58 @@ pub async fn run(
     };
     systemd::ready(&status);
 
+    let mut wipe_job = None;
     let outcome = tokio::select! {
         _ = shutdown.cancelled() => Ok(()),
         Some(e) = failed_rx.recv() => {
             error!(error = %e, "subsystem failed; shutting down");
             Err(e)
         }
+        Some(job) = wipe_rx.recv() => {
+            wipe_job = Some(job);
+            Ok(())
+        }
     };
+
+    if let Some(job) = wipe_job {
+        // The admin API keeps serving (the wipe's own request waits on it)
+        // but refuses everything else; the rest stops inside `wipe_now`.
+        wiping.store(true, std::sync::atomic::Ordering::SeqCst);
+        let stops = [
+            ("aux", &aux_stop, &aux_tasks),
+            ("automation", &automation_stop, &automation_tasks),
+            ("edge", &edge_stop, &edge_tasks),
+        ];
+        let result = wipe_now(
+            config,
+            &state_dir,
+            &registry,
+            &edge,
+            &automation,
+            job.request,
+            &stops,
+        )
+        .await;
+        let failed = result.as_ref().err().cloned();
+        let _ = job.reply.send(result);
+        // The receipt is on its way; the API ends once it has been sent.
+        api_stop.cancel();
+        api_tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, api_tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(subsystem = "admin api", "did not stop in time");
+        }
+        drop(automation);
+        drop(edge);
+        drop(registry);
+        return match failed {
+            // The marker is on disk: the next start finishes the wipe.
+            Some(why) => Err(Error::Wipe(why)),
+            None => Ok(Exit::Wiped),
+        };
+    }
 
     systemd::stopping();
     info!("shutting down");
@@ -306,7 +423,161 @@ pub async fn run(
     drop(edge);
     drop(registry);
     info!("stopped");
-    outcome
+    outcome.map(|()| Exit::Stopped)
+}
+
+type Stop<'a> = (&'static str, &'a CancellationToken, &'a TaskTracker);
+
+/// The wipe (see [`wipe`] for the order and why it survives a crash):
+/// marker, reset commands, stop the subsystems, erase, new CA and store,
+/// marker gone. Returns the report for the receipt.
+async fn wipe_now(
+    config: &Config,
+    state_dir: &Path,
+    registry: &RegistryHandle,
+    edge: &EdgeHandle,
+    automation: &automation::AutomationHandle,
+    request: wipe::Request,
+    stops: &[Stop<'_>],
+) -> Result<wipe::Report, String> {
+    let now = || {
+        jiff::Timestamp::now()
+            .round(jiff::Unit::Second)
+            .map_or_else(|_| String::new(), |t| t.to_string())
+    };
+    let started_at = now();
+    let old_ca_fingerprint = registry.ca_fingerprint().to_owned();
+    warn!(target: "security", old_ca = %old_ca_fingerprint, "wipe requested: destroying everything this hub knows");
+    let marker = wipe::Marker {
+        started_at: started_at.clone(),
+        old_ca_fingerprint: old_ca_fingerprint.clone(),
+    };
+    {
+        let dir = state_dir.to_owned();
+        tokio::task::spawn_blocking(move || wipe::begin(&dir, &marker))
+            .await
+            .map_err(|_| "writing the wipe marker panicked".to_owned())?
+            .map_err(|e| e.to_string())?;
+    }
+
+    // Every online device is told to reset; each acknowledgement is awaited
+    // in parallel, all within the timeout.
+    let online = edge.connected();
+    let mut waits = Vec::new();
+    for id in &online {
+        let Ok(mut acks) = edge.watch(&format!("d/{id}/ack/reset")).await else {
+            continue;
+        };
+        let payload = Bytes::from(
+            serde_json::json!({"reason": "the hub is being wiped: forget your credentials"})
+                .to_string(),
+        );
+        if edge
+            .publish(
+                &format!("d/{id}/cmd/reset"),
+                payload,
+                Qos::AtLeastOnce,
+                false,
+            )
+            .await
+            .is_err()
+        {
+            // Isolated devices get no commands, not even this one.
+            continue;
+        }
+        let id = id.clone();
+        waits.push(async move {
+            tokio::time::timeout(request.reset_timeout, acks.recv())
+                .await
+                .ok()
+                .flatten()
+                .map(|_| id)
+        });
+    }
+    let mut acknowledged: Vec<String> = futures::future::join_all(waits)
+        .await
+        .into_iter()
+        .flatten()
+        .map(|id| id.to_string())
+        .collect();
+    acknowledged.sort();
+
+    // What is about to be destroyed, for the receipt.
+    let mut destroyed = std::collections::BTreeMap::new();
+    let variables = automation.variables().await.map(|v| v.len()).unwrap_or(0);
+    let (counts, devices) = {
+        let r = registry.clone();
+        tokio::task::spawn_blocking(move || {
+            let store = r.store();
+            Ok::<_, store::Error>((store.counts()?, store.devices()?))
+        })
+        .await
+        .map_err(|_| "counting the store panicked".to_owned())?
+        .map_err(|e| e.to_string())?
+    };
+    for (table, n) in counts {
+        let category = match table {
+            "devices" => "devices",
+            "certs" => "certificates",
+            "retained" => "states",
+            "history" => "history records",
+            "rules" => "rules",
+            "automation" => continue,
+            other => other,
+        };
+        destroyed.insert(category.to_owned(), n);
+    }
+    destroyed.insert("variables".to_owned(), variables as u64);
+    destroyed.insert("keys".to_owned(), wipe::SECRETS.len() as u64);
+    let mut not_acknowledged: Vec<String> = devices
+        .iter()
+        .map(|d| d.id.to_string())
+        .filter(|id| !acknowledged.contains(id))
+        .collect();
+    not_acknowledged.sort();
+
+    // Nothing may use the old state while it goes.
+    for (name, stop, tasks) in stops {
+        stop.cancel();
+        tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(subsystem = name, "did not stop in time for the wipe");
+        }
+    }
+
+    let dir = state_dir.to_owned();
+    let names = config.edge.server_names.clone();
+    let days = config.ca.server_validity_days;
+    let (new_ca_fingerprint, new_ca_pem, new_ca_key_pkcs8) =
+        tokio::task::spawn_blocking(move || -> Result<_, String> {
+            wipe::erase(&dir).map_err(|e| e.to_string())?;
+            let ca =
+                Ca::open_or_create(&dir.join("ca"), &names, days).map_err(|e| e.to_string())?;
+            let store = open_store(&dir).map_err(|e| e.to_string())?;
+            store.flush().map_err(|e| e.to_string())?;
+            drop(store);
+            wipe::finish(&dir).map_err(|e| e.to_string())?;
+            Ok((ca.fingerprint(), ca.ca_pem().to_owned(), ca.key_pkcs8_der()))
+        })
+        .await
+        .map_err(|_| "the wipe panicked".to_owned())??;
+    let finished_at = now();
+    warn!(target: "security", old_ca = %old_ca_fingerprint, new_ca = %new_ca_fingerprint, acknowledged = acknowledged.len(), not_acknowledged = not_acknowledged.len(), "wipe finished");
+    Ok(wipe::Report {
+        hub: config.hub.name.clone(),
+        started_at,
+        finished_at,
+        old_ca_fingerprint,
+        new_ca_fingerprint,
+        new_ca_pem,
+        new_ca_key_pkcs8,
+        destroyed,
+        acknowledged,
+        not_acknowledged,
+    })
 }
 
 /// How a rule's command reaches a device: the hub's own publish at QoS 1,

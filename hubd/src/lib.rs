@@ -21,6 +21,8 @@ pub mod edge;
 // Layer 3 too: the rules engine's pure core (parsing, validation, evaluation,
 // schedules). The runner that feeds it events is not wired in yet.
 pub mod automation;
+// Layer 3: the ownership-transfer wipe's file steps and marker.
+pub mod wipe;
 // Layer 4: the admin API, the only module that knows protobuf.
 pub mod api;
 // Layer 5: composition and the service manager.

@@ -16,6 +16,9 @@ pub mod v1 {
     tonic::include_proto!("hub.v1");
 }
 
+/// Wipe receipts: signing them on the hub and checking them offline.
+pub mod receipt;
+
 /// The version of the admin API this crate speaks; `Status` reports the daemon's.
 pub const PROTOCOL_VERSION: u32 = 1;
 
