@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -347,6 +347,10 @@ pub struct FleetStats {
     /// Device tasks that ended on their own (never by design: a device gives
     /// up only if it cannot even build its TLS configuration).
     pub gave_up: u64,
+    /// Devices that obeyed a reset (`d/<id>/cmd/reset`, sent by a hub wipe
+    /// or removal): acknowledged it and forgot their credentials; they do
+    /// not reconnect.
+    pub forgot: u64,
 }
 
 /// The fleet's shared counters; each field is one of [`FleetStats`].
@@ -378,6 +382,8 @@ struct Counters {
     commands: AtomicU64,
     /// Device tasks that ended.
     gave_up: AtomicU64,
+    /// Devices that obeyed a reset.
+    forgot: AtomicU64,
 }
 
 /// One device's part of the shared state.
@@ -389,6 +395,9 @@ struct Slot {
     connected_at: AtomicU64,
     /// The device's readings or relay, and the state payload it last sent.
     state: Mutex<DeviceState>,
+    /// Set by a reset command: the device has forgotten its credentials and
+    /// does not connect again.
+    forgot: AtomicBool,
 }
 
 /// What a device knows about itself.
@@ -529,6 +538,7 @@ impl Fleet {
                     kind: *kind,
                     connected_at: AtomicU64::new(0),
                     state: Mutex::new(DeviceState::new(*kind, SimRng::seeded(seeds.next_u64()))),
+                    forgot: AtomicBool::new(false),
                 })
             })
             .collect();
@@ -594,7 +604,19 @@ impl Fleet {
             received: get(&c.received),
             commands: get(&c.commands),
             gave_up: get(&c.gave_up),
+            forgot: get(&c.forgot),
         }
+    }
+
+    /// The ids of the devices that obeyed a reset and forgot their
+    /// credentials (their owner should delete the identity files too).
+    pub fn forgotten(&self) -> Vec<String> {
+        self.shared
+            .slots
+            .iter()
+            .filter(|s| s.forgot.load(Ordering::Relaxed))
+            .map(|s| s.id.clone())
+            .collect()
     }
 
     /// Devices whose current session began after `since`.
@@ -844,6 +866,10 @@ async fn device_task(
             }
         }
         shared.bump(&shared.counters.disconnects);
+        if slot.forgot.load(Ordering::Relaxed) {
+            tracing::debug!(device = %slot.id, "reset: credentials forgotten, not reconnecting");
+            return;
+        }
         tokio::time::sleep(backoff.next_delay()).await;
     }
 }
@@ -937,9 +963,14 @@ fn on_command(client: &AsyncClient, slot: &Slot, shared: &Shared, topic: &str, p
             }
         }
         ("set", Kind::Sensor) => serde_json::json!({"ok": false, "error": "a sensor has no relay"}),
-        // A reset (the hub's RemoveDevice) is acknowledged; a simulated
-        // device has nothing to erase.
-        ("reset", _) => serde_json::json!({"ok": true}),
+        // A reset (the hub's wipe or RemoveDevice) is acknowledged, and the
+        // device forgets its credentials: it does not connect again.
+        ("reset", _) => {
+            if !slot.forgot.swap(true, Ordering::Relaxed) {
+                shared.bump(&shared.counters.forgot);
+            }
+            serde_json::json!({"ok": true})
+        }
         _ => serde_json::json!({"ok": false, "error": "unknown command"}),
     };
     if let Err(e) = client.try_publish(
@@ -1046,6 +1077,26 @@ pub enum Provisioning {
 /// How often [`provision`] retries a pairing attempt that the hub refused as
 /// too soon after the previous one from the same address.
 const PAIR_RETRIES: u32 = 30;
+
+/// Deletes the identity directories (`DIR/<n>/`) of the devices in `ids`:
+/// what a real device does with its credentials when it obeys a reset.
+/// Returns how many were deleted.
+pub fn forget_identities(dir: &Path, ids: &[String]) -> anyhow::Result<usize> {
+    let mut forgotten = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let path = entry?.path();
+        if !path.join("device.json").exists() {
+            continue;
+        }
+        let identity = pair::read_identity(&path)
+            .with_context(|| format!("read the device in {}", path.display()))?;
+        if ids.contains(&identity.id) {
+            std::fs::remove_dir_all(&path).with_context(|| format!("delete {}", path.display()))?;
+            forgotten += 1;
+        }
+    }
+    Ok(forgotten)
+}
 
 /// Makes sure `dir/<i>/` holds a device identity for each `i < n`: reuses
 /// what an earlier run wrote ([`pair::read_identity`]) and provisions the

@@ -207,3 +207,75 @@ async fn a_wipe_needs_the_hub_name() {
     assert!(err.message().contains("not this hub's name"), "{err}");
     assert_eq!(hub.status().await.unwrap().devices_known, 0);
 }
+
+#[tokio::test]
+async fn simulated_devices_obey_the_wipe_and_forget_their_credentials() {
+    use hub_tests::sim::{Fleet, FleetConfig, Kind};
+    let hub = TestHub::start().await.unwrap();
+    let mut devices = Vec::new();
+    for i in 0..4 {
+        let kind = if i % 2 == 0 {
+            Kind::Sensor
+        } else {
+            Kind::Switch
+        };
+        devices.push((hub.enroll(&format!("sim {i}")).await.unwrap(), kind));
+    }
+    let fleet = Fleet::start(
+        devices,
+        hub.mqtt_addr,
+        FleetConfig {
+            rate: 0.0,
+            backoff_base: std::time::Duration::from_millis(200),
+            backoff_cap: std::time::Duration::from_secs(2),
+            ..FleetConfig::default()
+        },
+    );
+    fleet
+        .wait_connected(4, std::time::Duration::from_secs(20))
+        .await
+        .unwrap();
+    // Each device subscribes to its commands before it publishes its meta
+    // and state: once the hub has those 8, every subscription is in place.
+    let deadline = tokio::time::Instant::now() + hub_tests::WAIT;
+    while hub
+        .status()
+        .await
+        .unwrap()
+        .counters
+        .unwrap()
+        .publishes_received
+        < 8
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "devices did not announce themselves"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let receipt_path = hub.dir.path().join("receipt.json");
+    let (code, out, err) = hubctl(
+        &hub,
+        &[
+            "wipe",
+            "--yes",
+            "--timeout",
+            "10s",
+            "--receipt",
+            receipt_path.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("devices that did not: none"),
+        "every simulated device acknowledges: {out}"
+    );
+    let stats = fleet.stats();
+    assert_eq!(stats.forgot, 4);
+    let mut forgotten = fleet.forgotten();
+    forgotten.sort();
+    let receipt = hub_proto::receipt::verify(&std::fs::read(&receipt_path).unwrap()).unwrap();
+    assert_eq!(receipt.devices_acknowledged, forgotten);
+    fleet.stop().await;
+}

@@ -1118,6 +1118,7 @@ fn stats_delta(after: &FleetStats, before: &FleetStats) -> FleetStats {
         received: after.received - before.received,
         commands: after.commands - before.commands,
         gave_up: after.gave_up,
+        forgot: after.forgot,
     }
 }
 

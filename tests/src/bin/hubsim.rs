@@ -291,6 +291,8 @@ struct Running {
     fleet: Fleet,
     addr: SocketAddr,
     kinds: Vec<Kind>,
+    /// Where the identities live.
+    dir: PathBuf,
 }
 
 /// Provisions the devices, finds the hub's MQTT address and starts the fleet.
@@ -347,6 +349,7 @@ async fn start_fleet(args: &FleetArgs) -> Result<Running, String> {
         fleet: Fleet::start(devices, addr, cfg),
         addr,
         kinds: args.kinds.clone(),
+        dir,
     })
 }
 
@@ -432,7 +435,12 @@ fn row(name: &str, value: impl std::fmt::Display) {
 }
 
 async fn run_fleet(args: RunArgs) -> Result<(), String> {
-    let Running { fleet, addr, kinds } = start_fleet(&args.fleet).await?;
+    let Running {
+        fleet,
+        addr,
+        kinds,
+        dir: running_dir,
+    } = start_fleet(&args.fleet).await?;
     let started = Instant::now();
     let tty = std::io::stderr().is_terminal();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -480,7 +488,18 @@ async fn run_fleet(args: RunArgs) -> Result<(), String> {
     let elapsed = started.elapsed();
     let histogram = fleet.attempt_histogram(started, Duration::from_secs(1));
     let kinds = kinds_summary(&fleet, &kinds);
+    let forgotten = fleet.forgotten();
     fleet.stop().await;
+    if !forgotten.is_empty() {
+        // They obeyed a reset (a hub wipe, or removal): their credentials go.
+        let deleted = sim::forget_identities(&running_dir, &forgotten).map_err(|e| {
+            format!(
+                "forget the reset devices in {}: {e:#}",
+                running_dir.display()
+            )
+        })?;
+        eprintln!("hubsim: {deleted} devices obeyed a reset and forgot their credentials");
+    }
     println!(
         "hubsim run: {} devices ({kinds}) for {:.1} s against {addr}",
         at_stop.devices,
@@ -515,10 +534,13 @@ fn print_stats(s: &FleetStats, peak_connected: usize, elapsed: Duration, peak_at
         format!("{:.1}", s.published as f64 / secs),
     );
     row("devices that gave up", s.gave_up);
+    row("devices reset (credentials forgotten)", s.forgot);
 }
 
 async fn run_outage(args: OutageArgs) -> Result<(), String> {
-    let Running { fleet, addr, kinds } = start_fleet(&args.fleet).await?;
+    let Running {
+        fleet, addr, kinds, ..
+    } = start_fleet(&args.fleet).await?;
     let n = fleet.len();
     eprintln!("hubsim: waiting for all {n} devices to connect");
     fleet
