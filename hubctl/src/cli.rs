@@ -85,6 +85,13 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the product, version, support end date, security contact, and
+    /// where the security policy and privacy notice are. Needs no running hub.
+    About {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -11,6 +11,7 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod about;
 mod cli;
 mod commands;
 mod output;
