@@ -14,8 +14,11 @@ use std::time::Duration;
 mod about;
 mod cli;
 mod commands;
+mod docs;
 mod output;
 mod socket;
+
+pub use docs::write as write_docs;
 
 /// Exit code: the command succeeded.
 pub const EXIT_OK: u8 = 0;
