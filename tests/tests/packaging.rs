@@ -1,7 +1,8 @@
 //! What the systemd unit promises, checked without building the package
 //! (that is `packaging/check-deb.sh`, which `.ci/run` calls): its
 //! `systemd-analyze security` exposure (principle 6), Type=notify with a
-//! watchdog, and an identity that matches the sysusers and tmpfiles entries.
+//! watchdog, an identity that matches the sysusers and tmpfiles entries, and
+//! the files `hubctl about` points to being ones the package installs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -130,4 +131,22 @@ fn sysusers_and_tmpfiles_match_the_units_identity() {
         .split_whitespace()
         .collect();
     assert_eq!(state[2..5], ["0700", user.as_str(), group.as_str()]);
+}
+
+#[test]
+fn the_paths_hubctl_about_names_are_files_the_package_installs() {
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let code = hubctl::run(["hubctl", "about", "--json"], &mut out, &mut err);
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&err));
+    let about: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
+    let manifest = read("hubd/Cargo.toml");
+    for key in ["security_policy", "privacy_notice", "support_statement"] {
+        let path = about[key].as_str().expect("a path");
+        let dest = path.trim_start_matches('/');
+        assert!(
+            manifest.contains(&format!("\"{dest}\"")),
+            "{key} {path} is not an asset of the package (hubd/Cargo.toml)"
+        );
+    }
 }
