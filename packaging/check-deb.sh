@@ -17,6 +17,7 @@
 #     /run/hubd 0750, no capabilities; in a private mount namespace, so the
 #     scratch root's users and a private /run are what it sees): a member of
 #     hubadmin runs `hubctl status` with no options, anyone else is refused;
+#     every system call it made (strace) is one the unit's filter allows;
 #  5. remove keeps /var/lib/hubd and says so; purge deletes it and says so;
 #  6. (all) the arm64 package is at most 4 MB, lintian-clean, and its hubd
 #     and hubctl run `--version` under qemu-user.
@@ -43,7 +44,7 @@ amd64 | all) ;;
 *) fail "unknown mode '$mode' (amd64 or all)" ;;
 esac
 
-need=(dpkg dpkg-deb lintian setpriv unshare systemd-analyze systemd-sysusers systemd-tmpfiles deb-systemd-helper cargo-deb)
+need=(dpkg dpkg-deb lintian setpriv unshare strace pgrep systemd-analyze systemd-sysusers systemd-tmpfiles deb-systemd-helper cargo-deb)
 [ "$mode" = all ] && need+=(qemu-aarch64 aarch64-linux-gnu-gcc)
 for program in "${need[@]}"; do
     command -v "$program" >/dev/null ||
@@ -131,8 +132,9 @@ verify="$(systemd-analyze verify --man=no "$work/hubd.service" 2>&1)" || fail "s
 ok "unit (systemd-analyze verify: clean) and conffile as in the repo; SUPPORT, hubctl about and the docs say $support_end"
 
 # Principle 1: no key or password ships. The binaries hold PEM labels for
-# parsing, never a PEM block, so look for a label followed by base64.
-if grep -raEq -- '-----BEGIN [A-Z ]*PRIVATE KEY-----.?.?[A-Za-z0-9+/]{40}' "$tree"; then
+# parsing, never a PEM block, so look for a label followed by a line of
+# base64 (-z: the whole file is one record, so the pattern spans lines).
+if grep -raPzq -- '-----BEGIN [A-Z ]*PRIVATE KEY-----\r?\n[A-Za-z0-9+/]{40}' "$tree"; then
     fail "the package contains a private key"
 fi
 if grep -rIiq 'password *[=:] *[^ ]' "$tree/etc" "$tree/usr/lib"; then
@@ -215,16 +217,19 @@ mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir /run/hubd
 chown hubd:hubadmin /run/hubd
 chmod 0750 /run/hubd
+mkdir "$work/trace"
+chown hubd "$work/trace"
 NO_COLOR=1 RUNTIME_DIRECTORY=/run/hubd STATE_DIRECTORY="$scratch/var/lib/hubd" \
     setpriv --reuid=hubd --regid=hubadmin --clear-groups --no-new-privs \
     --inh-caps=-all --bounding-set=-all \
+    strace -f -qq -o "$work/trace/hubd.strace" \
     "$scratch/usr/bin/hubd" --config "$scratch/etc/hubd/hubd.toml" --listen 127.0.0.1:0 \
     2>"$work/hubd.log" &
 hubd_pid=$!
 deadline=$(($(date +%s) + 30))
 until [ -S /run/hubd/hubd.sock ]; do
     kill -0 "$hubd_pid" 2>/dev/null || { cat "$work/hubd.log"; echo "hubd exited"; exit 1; }
-    [ "$(date +%s)" -lt "$deadline" ] || { echo "no socket after 30 s"; kill "$hubd_pid"; exit 1; }
+    [ "$(date +%s)" -lt "$deadline" ] || { echo "no socket after 30 s"; kill "$(pgrep -P "$hubd_pid")"; exit 1; }
     sleep 0.1
 done
 stat -c '%A %U %G' /run/hubd /run/hubd/hubd.sock >"$work/modes.txt"
@@ -236,7 +241,9 @@ status=0
 env -i PATH=/usr/bin:/bin HOME=/nonexistent setpriv --reuid=stranger --regid=stranger --init-groups \
     "$scratch/usr/bin/hubctl" status >"$work/stranger.txt" 2>&1 || status=$?
 echo "$status" >"$work/stranger.code"
-kill -TERM "$hubd_pid"
+# $hubd_pid is strace (setpriv execs it), which does not pass SIGTERM on:
+# stop hubd itself, and strace ends with it.
+kill -TERM "$(pgrep -P "$hubd_pid")"
 wait "$hubd_pid"
 EOF
 unshare --mount --propagation private sh "$work/run-as-unit.sh" "$work" "$scratch" ||
@@ -257,6 +264,30 @@ grep -q "hubadmin group" "$work/stranger.txt" || fail "a non-member was not told
 [ "$(stat -c '%a %u' "$state/ca/ca.key")" = "600 $hubd_uid" ] || fail "ca.key is not hubd's, 0600"
 [ "$(stat -c %u "$state/hub.redb")" = "$hubd_uid" ] || fail "hub.redb is not hubd's"
 ok "hubd as user hubd, group hubadmin: /run/hubd drwxr-x--- and socket srw-rw---- hubd:hubadmin; a hubadmin member's plain 'hubctl status' works, a stranger is refused"
+
+# The unit's system call filter, against every call that run made (from
+# start, with its new CA and keys, to the admin call and shutdown): a call
+# outside it would fail with EPERM under systemd.
+expand_filter() { # a set such as @system-service, nested sets expanded
+    systemd-analyze syscall-filter --no-pager "$1" | tail -n +2 | sed 's/^ *//' |
+        grep -v -e '^#' -e '^$' | while read -r name; do
+        case "$name" in
+        @*) expand_filter "$name" ;;
+        *) echo "$name" ;;
+        esac
+    done
+}
+filters="$(sed -n 's/^SystemCallFilter=//p' packaging/hubd.service | tr '\n' ' ')"
+[ "$filters" = "@system-service ~@privileged @resources " ] ||
+    fail "check-deb.sh knows SystemCallFilter=@system-service, =~@privileged @resources; the unit says $filters"
+expand_filter @system-service | sort -u >"$work/allowed-base"
+{ expand_filter @privileged; expand_filter @resources; } | sort -u >"$work/denied"
+comm -23 "$work/allowed-base" "$work/denied" >"$work/allowed"
+grep -oE '^[0-9]+ +[a-z0-9_]+\(' "$work/trace/hubd.strace" | sed -E 's/^[0-9]+ +//; s/\($//' | sort -u >"$work/used"
+[ "$(wc -l <"$work/used")" -gt 20 ] || fail "strace saw only $(wc -l <"$work/used") system calls"
+outside="$(comm -23 "$work/used" "$work/allowed" | tr '\n' ' ')"
+[ -z "$outside" ] || fail "hubd made system calls the unit forbids: $outside"
+ok "the $(wc -l <"$work/used") system calls hubd made are all allowed by the unit's SystemCallFilter="
 
 # 5. Remove keeps the state; purge deletes it, and both say so.
 dpkg_root --remove hubd >"$work/remove.txt" 2>&1 || { cat "$work/remove.txt"; fail "dpkg --remove failed"; }
