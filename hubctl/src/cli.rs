@@ -105,6 +105,13 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the product, version, support end date, security contact, and
+    /// where the security policy and privacy notice are. Needs no running hub.
+    About {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Erase everything the hub holds and its CA, for a new owner, and save
     /// the receipt the new CA signs; or check a saved receipt (`wipe verify`).
     Wipe(WipeArgs),

@@ -13,6 +13,7 @@ use hub_proto::v1::admin_client::AdminClient;
 use tonic::transport::Channel;
 
 use crate::Error;
+use crate::about::AboutView;
 use crate::cli::{Command, DevicesCommand, GrantArgs, Invocation, PairMode, RoleArg};
 use crate::output::{
     self, DeviceListView, DeviceView, PairingListView, PairingOpenedView, PairingWindowView,
@@ -104,6 +105,14 @@ pub(crate) async fn execute(
             crate::privacy::export(path, force, &inv.socket, out).await
         }
         Command::Wipe(args) => crate::wipe::execute(args, &inv.socket, out, err).await,
+        Command::About { json } => {
+            let view = AboutView::new(time::OffsetDateTime::now_utc().date());
+            if json {
+                print_json(out, &view)
+            } else {
+                print(out, &view.text())
+            }
+        }
     }
 }
 

@@ -16,7 +16,8 @@ const SOCKET_NAME: &str = "hubd.sock";
 /// Picks the default admin socket path.
 ///
 /// In order: `$RUNTIME_DIRECTORY/hubd.sock` (we run under systemd), then
-/// [`SYSTEM_SOCKET`] if it exists, then `$XDG_RUNTIME_DIR/hubd/hubd.sock`,
+/// [`SYSTEM_SOCKET`] if it exists (or `exists` cannot tell, as for a user
+/// outside the admin group, whom its directory keeps out), then `$XDG_RUNTIME_DIR/hubd/hubd.sock`,
 /// then `$XDG_DATA_HOME/hubd/hubd.sock`, then `~/.local/share/hubd/hubd.sock`.
 /// With none of those variables set it falls back to [`SYSTEM_SOCKET`], so the
 /// "cannot reach" message names the place a packaged hubd would be.

@@ -10,7 +10,7 @@
 //! of the configured admin group). A refused connection stays open, and every
 //! RPC on it answers `PERMISSION_DENIED`, so the caller learns why.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -82,6 +82,10 @@ pub async fn bind_admin_socket(path: &Path, group: &str) -> Result<UnixListener,
     let listener = UnixListener::bind(path).map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(bind_err)?;
     match Group::from_name(group) {
+        // Under the packaged unit hubd runs with the admin group as its
+        // primary group, so the socket is born with it: no chown, which the
+        // unit's system call filter refuses.
+        Ok(Some(g)) if socket_gid(path) == Some(g.gid.as_raw()) => {}
         Ok(Some(g)) => {
             if let Err(e) = nix::unistd::chown(path, None, Some(g.gid)) {
                 warn!(socket = %path.display(), %group, error = %e, "cannot give the admin socket to the admin group");
@@ -93,6 +97,11 @@ pub async fn bind_admin_socket(path: &Path, group: &str) -> Result<UnixListener,
         Err(e) => warn!(%group, error = %e, "cannot look up the admin group"),
     }
     Ok(listener)
+}
+
+/// The group that owns the file at `path`, if it can be read.
+fn socket_gid(path: &Path) -> Option<u32> {
+    std::fs::metadata(path).ok().map(|m| m.gid())
 }
 
 /// Who is on the other end of an admin connection, and whether they may act.

@@ -1148,8 +1148,13 @@ fn add_days(from: OffsetDateTime, days: u32) -> Result<OffsetDateTime, Error> {
 
 /// This machine's host name, if it has one (also what pairing URIs name
 /// when no `advertise_host` is set).
+///
+/// Asked of the kernel with gethostname(2), not read from
+/// `/proc/sys/kernel/hostname`: the packaged unit's `ProcSubset=pid` hides
+/// `/proc/sys`, and the hub would then name itself "localhost".
 pub fn machine_hostname() -> Option<String> {
-    let raw = fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let raw = nix::unistd::gethostname().ok()?;
+    let raw = raw.to_str()?;
     let name = raw.trim();
     (!name.is_empty() && name != "(none)").then(|| name.to_owned())
 }
@@ -1206,6 +1211,16 @@ mod tests {
     use rustls_pki_types::{CertificateRevocationListDer, UnixTime};
 
     use super::*;
+
+    #[test]
+    fn the_host_name_comes_from_the_kernel_not_from_proc_sys() {
+        // The same name the kernel shows in /proc/sys (readable here, hidden
+        // under the unit's ProcSubset=pid).
+        let proc_sys = fs::read_to_string("/proc/sys/kernel/hostname").expect("/proc/sys readable");
+        let proc_sys = proc_sys.trim();
+        let expected = (!proc_sys.is_empty() && proc_sys != "(none)").then(|| proc_sys.to_owned());
+        assert_eq!(machine_hostname(), expected);
+    }
 
     fn mode_of(path: &Path) -> u32 {
         fs::metadata(path).unwrap().permissions().mode() & 0o7777
