@@ -75,6 +75,9 @@ pub enum Error {
     Api(#[from] api::Error),
     #[error("automation: {0}")]
     Automation(#[from] automation::Error),
+    /// The bound sockets could not be handed to a new start of the hub.
+    #[error("cannot take over the listening sockets: {0}")]
+    Sockets(std::io::Error),
     #[error(transparent)]
     WipeFiles(#[from] wipe::Error),
     #[error("wipe failed (it is finished on the next start): {0}")]
@@ -154,10 +157,7 @@ pub async fn run(
     prepare_state_dir(&state_dir)?;
     // The sockets outlive a wipe: each start of the hub gets its own handles
     // on the same bound sockets.
-    let listen_err = |source| Error::StateDir {
-        path: state_dir.clone(),
-        source,
-    };
+    let listen_err = Error::Sockets;
     let mqtt = listeners.mqtt.into_std().map_err(listen_err)?;
     let admin = listeners.admin.into_std().map_err(listen_err)?;
     loop {
