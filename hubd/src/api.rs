@@ -1061,18 +1061,13 @@ impl Admin for Service {
                 0 => Duration::from_secs(5),
                 n => Duration::from_secs(u64::from(n.min(300))),
             };
-            // Listen for the acknowledgement before asking, so it cannot be missed.
-            let mut acks = self.state.edge.watch(&format!("d/{id}/ack/reset")).await?;
-            let payload =
-                Bytes::from(serde_json::json!({"reason": "removed from the hub"}).to_string());
-            let topic = format!("d/{id}/cmd/reset");
             match self
                 .state
                 .edge
-                .publish(&topic, payload, Qos::AtLeastOnce, false)
+                .send_reset(&id, "removed from the hub")
                 .await
             {
-                Ok(()) => {
+                Ok(mut acks) => {
                     reset_sent = true;
                     reset_acknowledged = tokio::time::timeout(wait, acks.recv())
                         .await

@@ -33,7 +33,6 @@ use crate::registry::{self, RegistryHandle};
 use crate::store::{self, Store};
 use crate::systemd;
 use crate::wipe;
-use bytes::Bytes;
 
 /// How long shutdown may take before the daemon gives up waiting.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
@@ -465,26 +464,11 @@ async fn wipe_now(
     let online = edge.connected();
     let mut waits = Vec::new();
     for id in &online {
-        let Ok(mut acks) = edge.watch(&format!("d/{id}/ack/reset")).await else {
+        // Isolated devices get no commands, not even this one.
+        let reason = "the hub is being wiped: forget your credentials";
+        let Ok(mut acks) = edge.send_reset(id, reason).await else {
             continue;
         };
-        let payload = Bytes::from(
-            serde_json::json!({"reason": "the hub is being wiped: forget your credentials"})
-                .to_string(),
-        );
-        if edge
-            .publish(
-                &format!("d/{id}/cmd/reset"),
-                payload,
-                Qos::AtLeastOnce,
-                false,
-            )
-            .await
-            .is_err()
-        {
-            // Isolated devices get no commands, not even this one.
-            continue;
-        }
         let id = id.clone();
         waits.push(async move {
             tokio::time::timeout(request.reset_timeout, acks.recv())

@@ -505,6 +505,28 @@ impl EdgeHandle {
 }
 
 impl EdgeHandle {
+    /// Asks a device to reset: publishes `{"reason": reason}` to
+    /// `d/<id>/cmd/reset` at QoS 1, having first watched
+    /// `d/<id>/ack/reset` so the acknowledgement cannot be missed; the
+    /// returned stream yields it. An isolated device is refused like any
+    /// command ([`Error::Isolated`]).
+    pub async fn send_reset(
+        &self,
+        id: &DeviceId,
+        reason: &str,
+    ) -> Result<mpsc::Receiver<Message>, Error> {
+        let acks = self.watch(&format!("d/{id}/ack/reset")).await?;
+        let payload = Bytes::from(serde_json::json!({ "reason": reason }).to_string());
+        self.publish(
+            &format!("d/{id}/cmd/reset"),
+            payload,
+            Qos::AtLeastOnce,
+            false,
+        )
+        .await?;
+        Ok(acks)
+    }
+
     /// Subscribes the hub itself to `filter` (no ACL: the hub may read
     /// anything) and streams what it receives. Returns once the router has
     /// acknowledged the subscription, so nothing published afterwards is
