@@ -47,6 +47,46 @@ pub fn init_test_logging() {
     }
 }
 
+/// Runs hubctl in-process (it makes its own runtime, hence the blocking thread).
+pub async fn hubctl(hub: &TestHub, args: &[&str]) -> (u8, String, String) {
+    let mut argv = vec![
+        "hubctl".to_owned(),
+        "--socket".to_owned(),
+        hub.socket.display().to_string(),
+    ];
+    argv.extend(args.iter().map(|s| s.to_string()));
+    tokio::task::spawn_blocking(move || {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = hubctl::run_with_env(argv, &|_| None, &mut out, &mut err);
+        (
+            code,
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    found
+}
+
 /// A hub running in this process on loopback and temp dirs.
 pub struct TestHub {
     /// Holds the temp dir alive; `state_dir` and `socket` live under it.

@@ -6,29 +6,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 
 use hub_proto::v1 as pb;
-use hub_tests::{SimDevice, TestHub, key_and_csr};
+use hub_tests::{SimDevice, TestHub, hubctl, key_and_csr};
 use tonic::Code;
-
-/// Runs hubctl in-process (it makes its own runtime, hence the blocking thread).
-async fn hubctl(hub: &TestHub, args: &[&str]) -> (u8, String, String) {
-    let mut argv = vec![
-        "hubctl".to_owned(),
-        "--socket".to_owned(),
-        hub.socket.display().to_string(),
-    ];
-    argv.extend(args.iter().map(|s| s.to_string()));
-    tokio::task::spawn_blocking(move || {
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        let code = hubctl::run_with_env(argv, &|_| None, &mut out, &mut err);
-        (
-            code,
-            String::from_utf8(out).unwrap(),
-            String::from_utf8(err).unwrap(),
-        )
-    })
-    .await
-    .unwrap()
-}
 
 #[tokio::test]
 async fn hubctl_status_list_show_revoke() {

@@ -8,28 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use hub_tests::{SimDevice, TestHub, WAIT};
-
-/// Runs hubctl in-process (it makes its own runtime, hence the blocking thread).
-async fn hubctl(hub: &TestHub, args: &[&str]) -> (u8, String, String) {
-    let mut argv = vec![
-        "hubctl".to_owned(),
-        "--socket".to_owned(),
-        hub.socket.display().to_string(),
-    ];
-    argv.extend(args.iter().map(|s| s.to_string()));
-    tokio::task::spawn_blocking(move || {
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        let code = hubctl::run_with_env(argv, &|_| None, &mut out, &mut err);
-        (
-            code,
-            String::from_utf8(out).unwrap(),
-            String::from_utf8(err).unwrap(),
-        )
-    })
-    .await
-    .unwrap()
-}
+use hub_tests::{SimDevice, TestHub, WAIT, hubctl};
 
 /// Writes a rules file into the hub's temp dir.
 fn rules_file(hub: &TestHub, name: &str, text: &str) -> PathBuf {
