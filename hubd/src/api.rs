@@ -336,14 +336,21 @@ impl From<automation::Error> for Status {
 /// The largest rules file accepted: far beyond any household's rules.
 const MAX_RULES_TEXT: usize = 1024 * 1024;
 
-fn rules_text(text: &str, file: &str) -> Result<(), Status> {
+/// The name a rules file is called by in messages ("rules" when the caller
+/// gave none), once its size is checked.
+fn rules_file(text: &str, file: String) -> Result<String, Status> {
+    let file = if file.is_empty() {
+        "rules".to_owned()
+    } else {
+        file
+    };
     if text.len() > MAX_RULES_TEXT {
         return Err(Status::invalid_argument(format!(
             "{file}: {} bytes, more than the {MAX_RULES_TEXT} a rules file may have",
             text.len()
         )));
     }
-    Ok(())
+    Ok(file)
 }
 
 fn rule_names(names: &[String]) -> Result<Vec<RuleName>, Status> {
@@ -547,12 +554,7 @@ impl Admin for Service {
         req: Request<pb::ApplyRulesRequest>,
     ) -> Result<Response<pb::ApplyRulesResponse>, Status> {
         let req = req.into_inner();
-        let file = if req.file.is_empty() {
-            "rules".to_owned()
-        } else {
-            req.file
-        };
-        rules_text(&req.text, &file)?;
+        let file = rules_file(&req.text, req.file)?;
         let diff = self.state.automation.apply(&req.text, &file).await?;
         Ok(Response::new(pb::ApplyRulesResponse {
             added: diff.added,
@@ -618,12 +620,7 @@ impl Admin for Service {
         req: Request<pb::TestRulesRequest>,
     ) -> Result<Response<pb::TestRulesResponse>, Status> {
         let req = req.into_inner();
-        let file = if req.file.is_empty() {
-            "rules".to_owned()
-        } else {
-            req.file
-        };
-        rules_text(&req.text, &file)?;
+        let file = rules_file(&req.text, req.file)?;
         if req.events.is_empty() {
             return Err(Status::invalid_argument(
                 "events: give at least one --event",
