@@ -377,14 +377,8 @@ async fn run_once(
         let failed = result.as_ref().err().cloned();
         let _ = job.reply.send(result);
         // The receipt is on its way; the API ends once it has been sent.
-        api_stop.cancel();
-        api_tasks.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, api_tasks.wait())
-            .await
-            .is_err()
-        {
-            warn!(subsystem = "admin api", "did not stop in time");
-        }
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        stop_one(("admin api", &api_stop, &api_tasks), deadline).await;
         drop(automation);
         drop(edge);
         drop(registry);
@@ -404,14 +398,7 @@ async fn run_once(
         ("automation", &automation_stop, &automation_tasks),
         ("edge", &edge_stop, &edge_tasks),
     ] {
-        stop.cancel();
-        tasks.close();
-        if tokio::time::timeout_at(deadline, tasks.wait())
-            .await
-            .is_err()
-        {
-            warn!(subsystem = name, "did not stop in time");
-        }
+        stop_one((name, stop, tasks), deadline).await;
     }
     // Last: every change was committed durably when it was made; this makes
     // the informational last-seen times durable too.
@@ -426,6 +413,19 @@ async fn run_once(
 }
 
 type Stop<'a> = (&'static str, &'a CancellationToken, &'a TaskTracker);
+
+/// Tells a subsystem to stop and waits for its tasks until `deadline`,
+/// saying so if they outlast it.
+async fn stop_one((name, stop, tasks): Stop<'_>, deadline: tokio::time::Instant) {
+    stop.cancel();
+    tasks.close();
+    if tokio::time::timeout_at(deadline, tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(subsystem = name, "did not stop in time");
+    }
+}
 
 /// The wipe (see [`wipe`] for the order and why it survives a crash):
 /// marker, reset commands, stop the subsystems, erase, new CA and store,
@@ -520,16 +520,9 @@ async fn wipe_now(
         .collect();
     not_acknowledged.sort();
 
-    // Nothing may use the old state while it goes.
-    for (name, stop, tasks) in stops {
-        stop.cancel();
-        tasks.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
-            .await
-            .is_err()
-        {
-            warn!(subsystem = name, "did not stop in time for the wipe");
-        }
+    // Nothing may use the old state while it goes; each has the full grace.
+    for &subsystem in stops {
+        stop_one(subsystem, tokio::time::Instant::now() + SHUTDOWN_GRACE).await;
     }
 
     let dir = state_dir.to_owned();
