@@ -795,41 +795,23 @@ async fn write_retained(
     shutdown: CancellationToken,
 ) {
     loop {
-        let first = tokio::select! {
-            // Queued updates first, so none is left behind at shutdown.
-            biased;
-            next = rx.recv() => match next {
-                Some(update) => update,
-                None => return,
-            },
-            _ = shutdown.cancelled() => {
-                rx.close();
-                continue;
-            }
-        };
         let mut latest: HashMap<(DeviceId, RetainedKind), Vec<u8>> = HashMap::new();
-        let (id, which, payload) = first;
-        latest.insert((id, which), payload);
-        while latest.len() < 1024 {
-            match rx.try_recv() {
-                Ok((id, which, payload)) => {
-                    latest.insert((id, which), payload);
-                }
-                Err(_) => break,
-            }
+        let open = take_queued(&mut rx, &shutdown, |(id, which, payload)| {
+            latest.insert((id, which), payload);
+            latest.len() < 1024
+        })
+        .await;
+        if !open {
+            return;
         }
         let batch: Vec<_> = latest
             .into_iter()
             .map(|((id, which), payload)| (id, which, payload))
             .collect();
-        let registry = registry.clone();
-        let written =
-            tokio::task::spawn_blocking(move || registry.store().put_retained(&batch)).await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, "cannot store retained device state"),
-            Err(_) => warn!("storing retained device state panicked"),
-        }
+        store_batch(&registry, "retained device state", move |store| {
+            store.put_retained(&batch)
+        })
+        .await;
     }
 }
 
@@ -844,28 +826,18 @@ async fn write_history(
 ) {
     let mut last: HashMap<(DeviceId, String), i64> = HashMap::new();
     loop {
-        let first = tokio::select! {
-            biased;
-            next = rx.recv() => match next {
-                Some(record) => record,
-                None => return,
-            },
-            _ = shutdown.cancelled() => {
-                rx.close();
-                continue;
-            }
-        };
         let mut batch = Vec::new();
-        let mut next = Some(first);
-        while let Some(record) = next.take() {
+        let open = take_queued(&mut rx, &shutdown, |record: HistoryRecord| {
             let slot = (record.device.clone(), record.topic.clone());
             if last.get(&slot).is_none_or(|t| record.at_ms - t >= 1000) {
                 last.insert(slot, record.at_ms);
                 batch.push(record);
             }
-            if batch.len() < 1024 {
-                next = rx.try_recv().ok();
-            }
+            batch.len() < 1024
+        })
+        .await;
+        if !open {
+            return;
         }
         // Bounded memory: devices that name many event topics reset it.
         if last.len() > 100_000 {
@@ -874,14 +846,54 @@ async fn write_history(
         if batch.is_empty() {
             continue;
         }
-        let registry = registry.clone();
-        let written =
-            tokio::task::spawn_blocking(move || registry.store().append_history(&batch)).await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, "cannot store device history"),
-            Err(_) => warn!("storing device history panicked"),
+        store_batch(&registry, "device history", move |store| {
+            store.append_history(&batch)
+        })
+        .await;
+    }
+}
+
+/// Waits for the next item on a writer's queue and hands it, then every
+/// item already queued, to `take` until `take` says the batch is full.
+/// Queued items come first, so none is left behind at shutdown: the queue
+/// is closed then and drained. Returns false once it is closed and empty.
+async fn take_queued<T>(
+    rx: &mut mpsc::Receiver<T>,
+    shutdown: &CancellationToken,
+    mut take: impl FnMut(T) -> bool,
+) -> bool {
+    let first = loop {
+        tokio::select! {
+            biased;
+            next = rx.recv() => match next {
+                Some(item) => break item,
+                None => return false,
+            },
+            _ = shutdown.cancelled() => rx.close(),
         }
+    };
+    let mut more = take(first);
+    while more {
+        match rx.try_recv() {
+            Ok(item) => more = take(item),
+            Err(_) => break,
+        }
+    }
+    true
+}
+
+/// Runs one batch write on the blocking pool; a failure is logged (the
+/// writers keep going: the next batch may well succeed).
+async fn store_batch(
+    registry: &RegistryHandle,
+    what: &'static str,
+    write: impl FnOnce(&crate::store::Store) -> Result<(), crate::store::Error> + Send + 'static,
+) {
+    let registry = registry.clone();
+    match tokio::task::spawn_blocking(move || write(registry.store())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "cannot store {what}"),
+        Err(_) => warn!("storing {what} panicked"),
     }
 }
 
