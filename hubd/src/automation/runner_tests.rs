@@ -156,6 +156,15 @@ fn add_device(store: &Store, device: &str) {
     store.enroll(&record, &cert).unwrap();
 }
 
+/// Button 1 is pressed.
+fn press() -> HubEvent {
+    HubEvent::Event {
+        device: id("button-1"),
+        name: "press".into(),
+        payload: Bytes::from_static(b"{}"),
+    }
+}
+
 /// Lets virtual time pass (paused time: instant in real time).
 async fn pass(d: Duration) {
     tokio::time::sleep(d).await;
@@ -256,11 +265,6 @@ actions = [
         "2025-06-01T12:00:00Z",
     );
     let running = rig.run().await;
-    let press = || HubEvent::Event {
-        device: id("button-1"),
-        name: "press".into(),
-        payload: Bytes::from_static(b"{}"),
-    };
     running.bus.send(press());
     pass(Duration::from_secs(1)).await;
     let runs = running.handle.history(None, 10).await.unwrap();
@@ -303,11 +307,7 @@ actions = [{ command = "iso-1", name = "on" }, { command = "lamp-1", name = "on"
     );
     let running = rig.run().await;
     for _ in 0..10 {
-        running.bus.send(HubEvent::Event {
-            device: id("button-1"),
-            name: "press".into(),
-            payload: Bytes::from_static(b"{}"),
-        });
+        running.bus.send(press());
     }
     pass(Duration::from_millis(10)).await;
     let runs = running.handle.history(None, 10).await.unwrap();
@@ -334,11 +334,7 @@ actions = [{ command = "iso-1", name = "on" }, { command = "lamp-1", name = "on"
     assert_eq!((status.runs, status.refused), (2, 8));
     // A minute later the rule may run again.
     pass(Duration::from_secs(61)).await;
-    running.bus.send(HubEvent::Event {
-        device: id("button-1"),
-        name: "press".into(),
-        payload: Bytes::from_static(b"{}"),
-    });
+    running.bus.send(press());
     pass(Duration::from_millis(10)).await;
     assert_eq!(running.handle.status().await.unwrap().runs, 3);
     running.stop().await;
