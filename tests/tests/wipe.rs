@@ -7,6 +7,23 @@ use hub_tests::{DeviceEvent, SimDevice, TestHub, files_containing, hubctl};
 
 const CANARY: &str = "canary-wipe-93c1f7";
 
+/// `hubctl wipe --yes` with a reset timeout; returns the receipt's path and
+/// what hubctl printed, after checking it succeeded.
+async fn wipe(hub: &TestHub, timeout: &str) -> (std::path::PathBuf, String) {
+    let receipt_path = hub.dir.path().join("receipt.json");
+    let args = [
+        "wipe",
+        "--yes",
+        "--timeout",
+        timeout,
+        "--receipt",
+        receipt_path.to_str().unwrap(),
+    ];
+    let (code, out, err) = hubctl(hub, &args).await;
+    assert_eq!(code, 0, "{out}{err}");
+    (receipt_path, out)
+}
+
 #[tokio::test]
 async fn wipe_resets_devices_destroys_everything_and_signs_a_receipt() {
     let hub = TestHub::start().await.unwrap();
@@ -67,20 +84,7 @@ async fn wipe_resets_devices_destroys_everything_and_signs_a_receipt() {
             }
         }
     });
-    let receipt_path = hub.dir.path().join("receipt.json");
-    let (code, out, err) = hubctl(
-        &hub,
-        &[
-            "wipe",
-            "--yes",
-            "--timeout",
-            "2s",
-            "--receipt",
-            receipt_path.to_str().unwrap(),
-        ],
-    )
-    .await;
-    assert_eq!(code, 0, "{out}{err}");
+    let (receipt_path, out) = wipe(&hub, "2s").await;
     let reset_topic = polite_task.await.unwrap();
     assert_eq!(reset_topic, format!("d/{}/cmd/reset", polite_id.id));
     drop(polite_id); // the device forgot its credentials
@@ -211,20 +215,7 @@ async fn simulated_devices_obey_the_wipe_and_forget_their_credentials() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let receipt_path = hub.dir.path().join("receipt.json");
-    let (code, out, err) = hubctl(
-        &hub,
-        &[
-            "wipe",
-            "--yes",
-            "--timeout",
-            "10s",
-            "--receipt",
-            receipt_path.to_str().unwrap(),
-        ],
-    )
-    .await;
-    assert_eq!(code, 0, "{out}{err}");
+    let (receipt_path, out) = wipe(&hub, "10s").await;
     assert!(
         out.contains("devices that did not: none"),
         "every simulated device acknowledges: {out}"
