@@ -115,6 +115,100 @@ pub(crate) enum Command {
     /// Erase everything the hub holds and its CA, for a new owner, and save
     /// the receipt the new CA signs; or check a saved receipt (`wipe verify`).
     Wipe(WipeArgs),
+    /// Manage the signed firmware catalogue and offer updates to devices.
+    Firmware {
+        #[command(subcommand)]
+        command: FirmwareCommand,
+    },
+    /// Show the security log (pairing, refused connections, isolation,
+    /// firmware, admin changes, anomalies), or verify its hash chain.
+    Events(EventsArgs),
+}
+
+/// `events`: list (and follow) security events, or `events verify`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct EventsArgs {
+    #[command(subcommand)]
+    pub(crate) action: Option<EventsAction>,
+    /// Keep running and print new events as they happen.
+    #[arg(long)]
+    pub(crate) follow: bool,
+    /// Only this device's events.
+    #[arg(long, value_name = "ID")]
+    pub(crate) device: Option<DeviceId>,
+    /// The most recent N events [default: 100].
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub(crate) limit: u32,
+    /// Print one JSON object per line instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum EventsAction {
+    /// Walk the security log's hash chain and report the first broken
+    /// link; exits 1 if there is one.
+    Verify {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum FirmwareCommand {
+    /// Trust a vendor's Ed25519 public key for one model (PEM PUBLIC KEY,
+    /// as `openssl pkey -pubout` writes, or the 32 bytes raw, hex or base64).
+    TrustKey {
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        model: String,
+        /// The public key file.
+        #[arg(value_name = "KEYFILE")]
+        key: PathBuf,
+    },
+    /// Add a signed image to the catalogue. The hub checks the Ed25519
+    /// signature over (model, version, image SHA-256) with the vendor key,
+    /// which must be trusted for the model; otherwise nothing is stored.
+    Add {
+        /// The firmware image file.
+        #[arg(value_name = "IMAGE")]
+        image: PathBuf,
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        model: String,
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        version: String,
+        /// The signature file: 64 bytes raw, base64 or hex.
+        #[arg(long, value_name = "SIGFILE")]
+        signature: PathBuf,
+        /// The vendor's public key file that made the signature.
+        #[arg(long, value_name = "KEYFILE")]
+        vendor_key: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the catalogue and the trusted vendor keys.
+    List {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Offer a device an update over its own connection: VERSION, or the
+    /// newest the catalogue has for its model. The device verifies and
+    /// installs it, or refuses it; `devices show` and `events` say which.
+    Push {
+        id: DeviceId,
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        version: Option<String>,
+        /// Offer it even if it is not newer than what the device runs
+        /// (devices with anti-rollback refuse it anyway).
+        #[arg(long)]
+        force: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `wipe`: the wipe itself, or with a subcommand, something about wipes that
@@ -206,6 +300,17 @@ pub(crate) enum DevicesCommand {
         id: DeviceId,
         #[command(flatten)]
         grants: GrantArgs,
+    },
+    /// Set the date a device's support ends (YYYY-MM-DD), overriding what
+    /// the device reports; --clear goes back to the device's own date.
+    #[command(group(ArgGroup::new("when").required(true).args(["date", "clear"])))]
+    SetSupport {
+        id: DeviceId,
+        /// The last day of support, such as 2030-12-31.
+        date: Option<String>,
+        /// Forget the owner's date.
+        #[arg(long)]
+        clear: bool,
     },
     /// Remove topic filters from an integration's grants.
     #[command(group(ArgGroup::new("filters").required(true).multiple(true).args(["allow_pub", "allow_sub"])))]

@@ -105,6 +105,8 @@ pub(crate) async fn execute(
             crate::privacy::export(path, force, &inv.socket, out).await
         }
         Command::Wipe(args) => crate::wipe::execute(args, &inv.socket, out, err).await,
+        Command::Firmware { command } => crate::lifecycle::execute(command, &inv.socket, out).await,
+        Command::Events(args) => crate::events::execute(args, &inv.socket, out).await,
         Command::About { json } => {
             let view = AboutView::new(time::OffsetDateTime::now_utc().date());
             if json {
@@ -162,6 +164,10 @@ pub(crate) fn read_text_file(what: &str, path: &Path, max: u64) -> Result<String
 }
 
 /// Reads a file, or standard input for `-`, refusing more than `max` bytes.
+pub(crate) fn read_file(what: &str, path: &Path, max: u64) -> Result<Vec<u8>, Error> {
+    read_limited(what, path, max)
+}
+
 fn read_limited(what: &str, path: &Path, max: u64) -> Result<Vec<u8>, Error> {
     let mut bytes = Vec::new();
     // One byte over the limit is enough to know the input is too large.
@@ -319,6 +325,9 @@ async fn devices(command: DevicesCommand, socket: &Path, out: &mut dyn Write) ->
             let answer =
                 call_within(&what, RPC_TIMEOUT + wait, client.remove_device(request)).await?;
             print(out, &removed_line(id.as_str(), reset, &answer))
+        }
+        DevicesCommand::SetSupport { id, date, clear: _ } => {
+            crate::lifecycle::set_support(id, date, socket, out).await
         }
         DevicesCommand::Grant { id, grants } => {
             update_grants(&id, grants, false, socket, out).await

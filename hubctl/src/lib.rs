@@ -15,6 +15,8 @@ mod about;
 mod cli;
 mod commands;
 mod docs;
+mod events;
+mod lifecycle;
 mod output;
 mod privacy;
 mod rules;
@@ -113,6 +115,9 @@ pub enum Error {
         #[source]
         source: hub_proto::receipt::ReceiptError,
     },
+    /// A check found a problem (the security log's chain, the audit).
+    #[error("{what}: {detail}")]
+    Check { what: String, detail: String },
     /// The tokio runtime could not be built.
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] io::Error),
@@ -136,6 +141,7 @@ impl Error {
             | Error::Output(_)
             | Error::Json(_)
             | Error::Receipt { .. }
+            | Error::Check { .. }
             | Error::Runtime(_) => EXIT_FAILED,
         }
     }
@@ -160,6 +166,7 @@ impl Error {
             | Error::Output(_)
             | Error::Json(_)
             | Error::Receipt { .. }
+            | Error::Check { .. }
             | Error::Runtime(_) => None,
         }
     }

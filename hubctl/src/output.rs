@@ -35,6 +35,56 @@ pub struct DeviceView {
     pub grants: GrantsView,
     /// What the device says it is; `null` until it has said.
     pub kind: Option<String>,
+    /// Firmware, support period and updates.
+    pub lifecycle: LifecycleView,
+}
+
+/// A device's firmware and support in `devices --json`; `null` where the
+/// device has not said.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LifecycleView {
+    pub model: Option<String>,
+    pub vendor: Option<String>,
+    pub firmware: Option<String>,
+    pub firmware_sha256: Option<String>,
+    /// YYYY-MM-DD.
+    pub support_end: Option<String>,
+    /// `owner` or `device`.
+    pub support_source: Option<String>,
+    /// `ok`, `ends soon`, `ended` or `unknown`.
+    pub support_status: String,
+    /// The last firmware integrity problem.
+    pub integrity: Option<String>,
+    /// The latest update offered: version, state, and why it failed.
+    pub update_version: Option<String>,
+    pub update_state: Option<String>,
+    pub update_error: Option<String>,
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+impl From<&v1::Device> for LifecycleView {
+    fn from(d: &v1::Device) -> Self {
+        Self {
+            model: non_empty(&d.model),
+            vendor: non_empty(&d.vendor),
+            firmware: non_empty(&d.firmware),
+            firmware_sha256: non_empty(&d.firmware_sha256),
+            support_end: non_empty(&d.support_end),
+            support_source: non_empty(&d.support_source),
+            support_status: if d.support_status.is_empty() {
+                "unknown".to_owned()
+            } else {
+                d.support_status.clone()
+            },
+            integrity: non_empty(&d.integrity),
+            update_version: non_empty(&d.update_version),
+            update_state: non_empty(&d.update_state),
+            update_error: non_empty(&d.update_error),
+        }
+    }
 }
 
 /// A device's state; `unknown` covers states this hubctl does not know yet.
@@ -130,6 +180,7 @@ impl From<&v1::Device> for DeviceView {
             isolation_reason: (!d.isolation_reason.is_empty()).then(|| d.isolation_reason.clone()),
             grants: GrantsView::from(d.grants.as_ref()),
             kind: (!d.kind.is_empty()).then(|| d.kind.clone()),
+            lifecycle: LifecycleView::from(d),
         }
     }
 }
@@ -216,6 +267,33 @@ pub struct StatusView {
     /// What is wrong with the hub's clock; `null` while it looks right.
     pub clock_warning: Option<String>,
     pub automation: AutomationView,
+    pub lifecycle: LifecycleStatusView,
+    pub seclog: SeclogStatusView,
+}
+
+/// Firmware and support across devices in `status --json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LifecycleStatusView {
+    pub support_ended: u64,
+    pub support_ending: u64,
+    pub support_unknown: u64,
+    /// Support ended and the device is not isolated.
+    pub ended_not_isolated: u64,
+    pub integrity_problems: u64,
+    pub updates_in_progress: u64,
+    pub updates_failed: u64,
+    pub isolate_after_support_end: bool,
+    pub support_warning_days: u32,
+}
+
+/// The security log in `status --json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeclogStatusView {
+    pub entries: u64,
+    pub dropped: u64,
+    /// Alerts in the last 24 hours, and the newest one.
+    pub recent_alerts: u64,
+    pub last_alert: Option<String>,
 }
 
 /// The rules engine in `status --json`.
@@ -287,6 +365,29 @@ impl From<&v1::StatusResponse> for StatusView {
                     waiting_for_clock: a.waiting_for_clock,
                     events_dropped: a.events_dropped,
                     problem: (!a.problem.is_empty()).then_some(a.problem),
+                }
+            },
+            lifecycle: {
+                let l = s.lifecycle.unwrap_or_default();
+                LifecycleStatusView {
+                    support_ended: l.support_ended,
+                    support_ending: l.support_ending,
+                    support_unknown: l.support_unknown,
+                    ended_not_isolated: l.ended_not_isolated,
+                    integrity_problems: l.integrity_problems,
+                    updates_in_progress: l.updates_in_progress,
+                    updates_failed: l.updates_failed,
+                    isolate_after_support_end: l.isolate_after_support_end,
+                    support_warning_days: l.support_warning_days,
+                }
+            },
+            seclog: {
+                let e = s.seclog.clone().unwrap_or_default();
+                SeclogStatusView {
+                    entries: e.entries,
+                    dropped: e.dropped,
+                    recent_alerts: e.recent_alerts,
+                    last_alert: non_empty(&e.last_alert),
                 }
             },
         }
@@ -605,6 +706,8 @@ pub fn device_table(devices: &[DeviceView]) -> String {
                 kind_or_dash(d),
                 d.state.as_str().to_owned(),
                 yes_no(d.connected).to_owned(),
+                firmware_cell(d),
+                support_cell(d),
                 human_time(d.cert_not_after),
                 human_time_or_never(d.last_seen),
                 reason_or_dash(d),
@@ -619,12 +722,36 @@ pub fn device_table(devices: &[DeviceView]) -> String {
             "KIND",
             "STATE",
             "CONNECTED",
+            "FIRMWARE",
+            "SUPPORT",
             "CERT EXPIRES",
             "LAST SEEN",
             "REASON",
         ],
         &rows,
     )
+}
+
+/// Firmware version, with `!` when its integrity is in doubt; `-` unknown.
+fn firmware_cell(d: &DeviceView) -> String {
+    let l = &d.lifecycle;
+    let mut cell = or_dash(l.firmware.as_deref());
+    if l.integrity.is_some() {
+        cell.push_str(" (!)");
+    }
+    cell
+}
+
+/// Support status and end date, such as `ok 2031-12-31` or `unknown`.
+fn support_cell(d: &DeviceView) -> String {
+    let l = &d.lifecycle;
+    if d.role == RoleView::Integration {
+        return "-".to_owned();
+    }
+    match &l.support_end {
+        Some(end) => format!("{} {}", sanitize(&l.support_status), sanitize(end)),
+        None => sanitize(&l.support_status),
+    }
 }
 
 /// The human `devices show`.
@@ -649,6 +776,39 @@ pub fn device_details(d: &DeviceView) -> String {
         ("last seen", human_time_or_never(d.last_seen)),
         ("may publish", filters(&d.grants.publish)),
         ("may subscribe", filters(&d.grants.subscribe)),
+        ("model", or_dash(d.lifecycle.model.as_deref())),
+        ("vendor", or_dash(d.lifecycle.vendor.as_deref())),
+        ("firmware", or_dash(d.lifecycle.firmware.as_deref())),
+        (
+            "firmware sha256",
+            or_dash(d.lifecycle.firmware_sha256.as_deref()),
+        ),
+        ("integrity", or_dash(d.lifecycle.integrity.as_deref())),
+        ("support", {
+            let l = &d.lifecycle;
+            match (&l.support_end, &l.support_source) {
+                (Some(end), Some(src)) => format!(
+                    "{} (until {}, from the {})",
+                    sanitize(&l.support_status),
+                    sanitize(end),
+                    sanitize(src)
+                ),
+                _ => sanitize(&l.support_status),
+            }
+        }),
+        ("update", {
+            let l = &d.lifecycle;
+            match (&l.update_version, &l.update_state) {
+                (Some(v), Some(st)) => {
+                    let mut t = format!("{} {}", sanitize(v), sanitize(st));
+                    if let Some(e) = &l.update_error {
+                        t.push_str(&format!(": {}", sanitize(e)));
+                    }
+                    t
+                }
+                _ => "-".to_owned(),
+            }
+        }),
     ])
 }
 
@@ -806,6 +966,49 @@ pub fn status_details(s: &StatusView) -> String {
     }
     if let Some(problem) = &a.problem {
         rows.push(("rules problem", sanitize(problem)));
+    }
+    let l = &s.lifecycle;
+    let mut support = format!(
+        "{} ended, {} ending within {} days, {} unknown",
+        l.support_ended, l.support_ending, l.support_warning_days, l.support_unknown
+    );
+    if l.ended_not_isolated > 0 {
+        support.push_str(&format!(
+            "; {} past support and NOT isolated",
+            l.ended_not_isolated
+        ));
+    }
+    rows.push(("device support", support));
+    if l.integrity_problems > 0 {
+        rows.push((
+            "firmware integrity",
+            format!(
+                "{} devices with unrecognised firmware",
+                l.integrity_problems
+            ),
+        ));
+    }
+    if l.updates_in_progress > 0 || l.updates_failed > 0 {
+        rows.push((
+            "firmware updates",
+            format!(
+                "{} in progress, {} failed",
+                l.updates_in_progress, l.updates_failed
+            ),
+        ));
+    }
+    let e = &s.seclog;
+    let mut events = format!("{} entries", e.entries);
+    if e.dropped > 0 {
+        events.push_str(&format!(", {} dropped", e.dropped));
+    }
+    rows.push(("security events", events));
+    if e.recent_alerts > 0 {
+        let last = e.last_alert.as_deref().map(sanitize).unwrap_or_default();
+        rows.push((
+            "alerts (24h)",
+            format!("{} (latest: {last}); see hubctl events", e.recent_alerts),
+        ));
     }
     if let Some(warning) = &s.clock_warning {
         rows.push(("clock warning", sanitize(warning)));

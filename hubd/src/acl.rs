@@ -119,6 +119,8 @@ pub fn check_publish(who: &Principal, topic: &str, is_isolated: &dyn Fn(&str) ->
             rest == "state"
                 || rest == "meta"
                 || rest == "cert/csr"
+                || rest == "update/get"
+                || rest == "update/result"
                 || under(rest, "event")
                 || under(rest, "ack")
         }
@@ -333,6 +335,22 @@ mod tests {
         assert!(!check_subscribe(&a, "d/b/cert/new"));
         let isolated = Principal::Isolated(DeviceId::parse("a").unwrap());
         assert!(!check_publish(&isolated, "d/a/cert/csr", &|_| false));
+    }
+
+    #[test]
+    fn update_topics_belong_to_the_device_and_not_to_an_isolated_one() {
+        let a = dev("a");
+        for t in ["d/a/update/get", "d/a/update/result"] {
+            assert!(check_publish(&a, t, &|_| false), "{t}");
+        }
+        assert!(!check_publish(&a, "d/a/update/other", &|_| false));
+        assert!(!check_publish(&a, "d/b/update/get", &|_| false));
+        assert!(!check_publish(&a, "d/a/ota/offer", &|_| false));
+        assert!(check_subscribe(&a, "d/a/ota/#"));
+        assert!(!check_subscribe(&a, "d/a/update/#"));
+        let isolated = Principal::Isolated(DeviceId::parse("a").unwrap());
+        assert!(!check_publish(&isolated, "d/a/update/result", &|_| false));
+        assert!(!check_subscribe(&isolated, "d/a/ota/#"));
     }
 
     fn integration(publish: &[&str], subscribe: &[&str]) -> Principal {

@@ -34,11 +34,15 @@ use tracing::{info, warn};
 use crate::automation::{self, AutomationHandle, RuleName};
 use crate::bus::BusTx;
 use crate::edge::{self, EdgeHandle};
+use crate::lifecycle::LifecycleHandle;
 use crate::model::{DeviceId, DeviceName, Grants, Qos, Role};
 use crate::pairing::{SetupCode, WindowInfo};
 use crate::registry::{self, RegistryHandle};
+use crate::seclog::SecLog;
 use crate::store::{self, DeviceRecord, DeviceState, RetainedKind};
 use crate::wipe;
+
+mod lifecycle;
 
 /// The largest CSR accepted, PEM: a P-256 CSR is well under 1 KiB.
 const MAX_CSR_BYTES: usize = 16 * 1024;
@@ -219,6 +223,15 @@ pub struct ApiState {
     pub wiping: Arc<AtomicBool>,
     pub started: Instant,
     pub max_payload: usize,
+    pub lifecycle: LifecycleHandle,
+    /// `[lifecycle] isolate_after_support_end` and `support_warning_days`.
+    pub lifecycle_cfg: (bool, u32),
+    pub seclog: SecLog,
+    /// `[seclog] retention_days`, for privacy.
+    pub seclog_days: u32,
+    /// `[lifecycle] max_image_size`: the admin socket takes messages this
+    /// large (and 1 MiB more).
+    pub max_image_size: usize,
 }
 
 impl Service {
@@ -247,12 +260,17 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let incoming = async_stream(listener, admin_group);
     let wiping = state.wiping.clone();
-    let service = AdminServer::with_interceptor(
-        Service {
-            state,
-            stop: shutdown.clone(),
-        },
-        move |request: Request<()>| {
+    // A firmware image travels in one AddFirmware request; every other
+    // message is small (a rules file is at most 1 MiB).
+    let max_message = state.max_image_size + 1024 * 1024;
+    let server = AdminServer::new(Service {
+        state,
+        stop: shutdown.clone(),
+    })
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(usize::MAX);
+    let service =
+        tonic::service::interceptor::InterceptedService::new(server, move |request: Request<()>| {
             let request = authorize(request)?;
             // The wipe's own call is already past this point.
             if wiping.load(Ordering::SeqCst) {
@@ -261,8 +279,7 @@ pub async fn serve(
                 ));
             }
             Ok(request)
-        },
-    );
+        });
     tonic::transport::Server::builder()
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
@@ -378,7 +395,9 @@ impl From<edge::Error> for Status {
             | edge::Error::Verifier(_)
             | edge::Error::Link(_)
             | edge::Error::Join(_)
-            | edge::Error::Listener(_) => Status::internal(e.to_string()),
+            | edge::Error::Listener(_)
+            | edge::Error::Seclog(_) => Status::internal(e.to_string()),
+            edge::Error::Registry(r) => r.into(),
         }
     }
 }
@@ -450,6 +469,15 @@ fn window_to_pb(info: &WindowInfo, code: Option<&SetupCode>, uri: String) -> pb:
     }
 }
 
+impl Service {
+    /// A device's message, with its lifecycle fields.
+    fn device_pb(&self, d: &DeviceRecord, connected: bool) -> pb::Device {
+        let mut p = device_to_pb(d, connected);
+        lifecycle::fill_device(&mut p, d, &self.state.lifecycle);
+        p
+    }
+}
+
 fn device_to_pb(d: &DeviceRecord, connected: bool) -> pb::Device {
     pb::Device {
         id: d.id.to_string(),
@@ -468,6 +496,7 @@ fn device_to_pb(d: &DeviceRecord, connected: bool) -> pb::Device {
         cert_not_after: d.cert_not_after,
         created_at: d.created_at,
         last_seen: d.last_seen,
+        ..Default::default()
     }
 }
 
@@ -510,7 +539,10 @@ impl Admin for Service {
         _: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let registry = self.state.registry.clone();
-        let known = blocking(move || registry.devices().map(|d| d.len())).await?;
+        let devices = blocking(move || registry.devices()).await?;
+        let known = devices.len();
+        let summary = self.state.lifecycle.summary(&devices);
+        let seclog = self.seclog_status().await?;
         let automation = self.state.automation.status().await?;
         let c = self.state.edge.counters();
         let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
@@ -546,6 +578,18 @@ impl Admin for Service {
                 events_dropped: self.state.bus.dropped(),
                 problem: automation.problem.unwrap_or_default(),
             }),
+            lifecycle: Some(pb::LifecycleStatus {
+                support_ended: summary.support_ended,
+                support_ending: summary.support_ending,
+                support_unknown: summary.support_unknown,
+                ended_not_isolated: summary.ended_not_isolated,
+                integrity_problems: summary.integrity_problems,
+                updates_in_progress: summary.updates_in_progress,
+                updates_failed: summary.updates_failed,
+                isolate_after_support_end: self.state.lifecycle_cfg.0,
+                support_warning_days: self.state.lifecycle_cfg.1,
+            }),
+            seclog: Some(seclog),
         }))
     }
 
@@ -700,6 +744,10 @@ impl Admin for Service {
                         "as long as this hub's CA (hubctl wipe ends it)".to_owned()
                     }
                     store::Retention::Journal => "the system journal's own settings".to_owned(),
+                    store::Retention::SeclogDays => format!(
+                        "{} days ([seclog] retention_days), pruned hourly",
+                        self.state.seclog_days
+                    ),
                 };
                 pb::PrivacyItem {
                     place: item.place.to_owned(),
@@ -719,13 +767,15 @@ impl Admin for Service {
         _: Request<pb::ExportRequest>,
     ) -> Result<Response<pb::ExportResponse>, Status> {
         let registry = self.state.registry.clone();
-        let (devices, certs, retained, history) = blocking(move || {
+        let (devices, certs, retained, history, events) = blocking(move || {
             let store = registry.store();
+            let first = store.seclog_anchor()?.first_seq;
             Ok::<_, registry::Error>((
                 store.devices()?,
                 store.all_certs()?,
                 store.retained()?,
                 store.history(None)?,
+                store.seclog(first, usize::MAX)?,
             ))
         })
         .await?;
@@ -761,6 +811,7 @@ impl Admin for Service {
                 "grants": { "publish": d.grants.publish, "subscribe": d.grants.subscribe },
                 "created_at": d.created_at,
                 "last_seen": d.last_seen,
+                "lifecycle": d.lifecycle,
             })).collect::<Vec<_>>(),
             "certificates": certs.iter().map(|c| serde_json::json!({
                 "serial": c.serial_hex,
@@ -789,10 +840,62 @@ impl Admin for Service {
                 "outcome": r.outcome.to_string(),
                 "actions": r.actions,
             })).collect::<Vec<_>>(),
+            "security_events": events,
         });
         let json = serde_json::to_vec_pretty(&doc)
             .map_err(|e| Status::internal(format!("export: {e}")))?;
         Ok(Response::new(pb::ExportResponse { json }))
+    }
+
+    async fn set_support(
+        &self,
+        req: Request<pb::SetSupportRequest>,
+    ) -> Result<Response<pb::Device>, Status> {
+        self.set_support_rpc(req).await.map(Response::new)
+    }
+
+    async fn trust_vendor_key(
+        &self,
+        req: Request<pb::TrustVendorKeyRequest>,
+    ) -> Result<Response<pb::TrustVendorKeyResponse>, Status> {
+        self.trust_key_rpc(req).await.map(Response::new)
+    }
+
+    async fn add_firmware(
+        &self,
+        req: Request<pb::AddFirmwareRequest>,
+    ) -> Result<Response<pb::Firmware>, Status> {
+        self.add_firmware_rpc(req).await.map(Response::new)
+    }
+
+    async fn list_firmware(
+        &self,
+        _: Request<pb::ListFirmwareRequest>,
+    ) -> Result<Response<pb::ListFirmwareResponse>, Status> {
+        self.list_firmware_rpc().await.map(Response::new)
+    }
+
+    async fn push_firmware(
+        &self,
+        req: Request<pb::PushFirmwareRequest>,
+    ) -> Result<Response<pb::PushFirmwareResponse>, Status> {
+        self.push_firmware_rpc(req).await.map(Response::new)
+    }
+
+    type ListEventsStream = lifecycle::EventStream;
+
+    async fn list_events(
+        &self,
+        req: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<Self::ListEventsStream>, Status> {
+        self.list_events_rpc(req).await.map(Response::new)
+    }
+
+    async fn verify_events(
+        &self,
+        _: Request<pb::VerifyEventsRequest>,
+    ) -> Result<Response<pb::VerifyEventsResponse>, Status> {
+        self.verify_events_rpc().await.map(Response::new)
     }
 
     async fn wipe(
@@ -886,7 +989,7 @@ impl Admin for Service {
         let devices = blocking(move || registry.devices()).await?;
         let devices = devices
             .iter()
-            .map(|d| device_to_pb(d, self.state.edge.is_connected(&d.id)))
+            .map(|d| self.device_pb(d, self.state.edge.is_connected(&d.id)))
             .collect();
         Ok(Response::new(pb::ListDevicesResponse { devices }))
     }
@@ -899,10 +1002,9 @@ impl Admin for Service {
         let registry = self.state.registry.clone();
         let lookup = id.clone();
         let device = blocking(move || registry.device(&lookup)).await?;
-        Ok(Response::new(device_to_pb(
-            &device,
-            self.state.edge.is_connected(&id),
-        )))
+        Ok(Response::new(
+            self.device_pb(&device, self.state.edge.is_connected(&id)),
+        ))
     }
 
     async fn enroll_device(
@@ -926,7 +1028,7 @@ impl Admin for Service {
             blocking(move || registry.enroll(&name, &req.csr_pem, Role::Device, Grants::default()))
                 .await?;
         Ok(Response::new(pb::EnrollDeviceResponse {
-            device: Some(device_to_pb(&enrolled.device, false)),
+            device: Some(self.device_pb(&enrolled.device, false)),
             cert_pem: enrolled.cert_pem,
             ca_chain_pem: enrolled.ca_pem,
         }))
@@ -945,7 +1047,7 @@ impl Admin for Service {
         self.state.edge.set_crl(crl)?;
         let was_connected = self.state.edge.disconnect(&id).await;
         Ok(Response::new(pb::RevokeDeviceResponse {
-            device: Some(device_to_pb(&device, false)),
+            device: Some(self.device_pb(&device, false)),
             was_connected,
         }))
     }
@@ -1020,7 +1122,7 @@ impl Admin for Service {
         let (enrolled, key_pem) =
             blocking(move || registry.enroll_bundle(&name, role, grants)).await?;
         Ok(Response::new(pb::EnrollBundleResponse {
-            device: Some(device_to_pb(&enrolled.device, false)),
+            device: Some(self.device_pb(&enrolled.device, false)),
             key_pem,
             cert_pem: enrolled.cert_pem,
             ca_chain_pem: enrolled.ca_pem,
@@ -1037,10 +1139,9 @@ impl Admin for Service {
         let registry = self.state.registry.clone();
         let target = id.clone();
         let device = blocking(move || registry.rename(&target, &name)).await?;
-        Ok(Response::new(device_to_pb(
-            &device,
-            self.state.edge.is_connected(&id),
-        )))
+        Ok(Response::new(
+            self.device_pb(&device, self.state.edge.is_connected(&id)),
+        ))
     }
 
     async fn remove_device(
@@ -1102,6 +1203,7 @@ impl Admin for Service {
         &self,
         req: Request<pb::IsolateDeviceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
+        let actor = lifecycle::actor(&req);
         let req = req.into_inner();
         let id = parse_id("id", &req.id)?;
         let reason = req.reason.trim().to_owned();
@@ -1111,40 +1213,18 @@ impl Admin for Service {
                 "reason: 1 to 200 characters without control characters are required",
             ));
         }
-        let registry = self.state.registry.clone();
-        let (target, why) = (id.clone(), reason.clone());
-        let device = blocking(move || registry.isolate(&target, &why)).await?;
-        self.refresh_isolated().await?;
-        // The notice is retained, so the device reads it whenever it reconnects.
-        let notice = serde_json::json!({"isolated": true, "reason": reason}).to_string();
-        let topic = format!("$hub/isolation/{id}");
-        self.state
-            .edge
-            .publish(&topic, Bytes::from(notice), Qos::AtLeastOnce, true)
-            .await?;
-        // Its session ends; it reconnects with the isolated profile.
-        self.state.edge.disconnect(&id).await;
-        Ok(Response::new(device_to_pb(&device, false)))
+        let device = self.state.edge.isolate(&id, &reason, &actor).await?;
+        Ok(Response::new(self.device_pb(&device, false)))
     }
 
     async fn release_device(
         &self,
         req: Request<pb::ReleaseDeviceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
+        let actor = lifecycle::actor(&req);
         let id = parse_id("id", &req.into_inner().id)?;
-        let registry = self.state.registry.clone();
-        let target = id.clone();
-        let device = blocking(move || registry.release(&target)).await?;
-        self.refresh_isolated().await?;
-        // An empty retained message clears the notice.
-        let topic = format!("$hub/isolation/{id}");
-        self.state
-            .edge
-            .publish(&topic, Bytes::new(), Qos::AtLeastOnce, true)
-            .await?;
-        // It reconnects with its full rights.
-        self.state.edge.disconnect(&id).await;
-        Ok(Response::new(device_to_pb(&device, false)))
+        let device = self.state.edge.release(&id, &actor).await?;
+        Ok(Response::new(self.device_pb(&device, false)))
     }
 
     async fn update_grants(
@@ -1162,7 +1242,7 @@ impl Admin for Service {
         let device = blocking(move || registry.update_grants(&target, &change, req.revoke)).await?;
         // The new rights apply from the next session: end the current one.
         self.state.edge.disconnect(&id).await;
-        Ok(Response::new(device_to_pb(&device, false)))
+        Ok(Response::new(self.device_pb(&device, false)))
     }
 
     async fn publish(

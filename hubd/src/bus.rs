@@ -108,3 +108,17 @@ mod tests {
         assert_eq!(tx.dropped(), 0);
     }
 }
+
+/// What a device tells the hub about itself, for the lifecycle service:
+/// its metadata, and the device's half of a firmware update (see
+/// `hubd/OTA.md`). The edge never routes `d/<id>/update/...`; it hands
+/// those here.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceReport {
+    /// The device published `d/<id>/meta`.
+    Meta { device: DeviceId, payload: Bytes },
+    /// `d/<id>/update/get`: the device asks for a chunk of the offered image.
+    UpdateGet { device: DeviceId, payload: Bytes },
+    /// `d/<id>/update/result`: the device installed or refused an offer.
+    UpdateResult { device: DeviceId, payload: Bytes },
+}

@@ -30,6 +30,8 @@ pub struct Config {
     pub pairing: PairingSection,
     pub automation: AutomationSection,
     pub privacy: PrivacySection,
+    pub lifecycle: LifecycleSection,
+    pub seclog: SeclogSection,
 }
 
 /// `[hub]`: identity, state and logging.
@@ -148,6 +150,43 @@ pub struct PrivacySection {
     pub history_days: u32,
 }
 
+/// What a firmware integrity failure does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IntegrityPolicy {
+    /// Record a security event and alert.
+    Alert,
+    /// Alert, and isolate the device.
+    Isolate,
+}
+
+/// `[lifecycle]`: firmware, support periods and updates.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LifecycleSection {
+    /// Isolate a device once its support period has ended.
+    pub isolate_after_support_end: bool,
+    /// A support end this many days away or closer reads "ends soon".
+    pub support_warning_days: u32,
+    /// Unrecognised firmware, or firmware that changed without an offered
+    /// update: `alert` or `isolate`.
+    pub on_integrity_failure: IntegrityPolicy,
+    /// Bytes per firmware download chunk.
+    pub ota_chunk_size: usize,
+    /// The largest firmware image the catalogue takes, in bytes.
+    pub max_image_size: usize,
+}
+
+/// `[seclog]`: how long security events are kept.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SeclogSection {
+    /// Days of security events kept; older entries are deleted hourly.
+    pub retention_days: u32,
+    /// At most this many entries are kept (the oldest go first).
+    pub max_entries: u64,
+}
+
 // The defaults below must equal config/hubd.toml; the unit test
 // `shipped_file_equals_default` fails when they drift apart.
 
@@ -227,6 +266,27 @@ impl Default for AutomationSection {
 impl Default for PrivacySection {
     fn default() -> Self {
         PrivacySection { history_days: 7 }
+    }
+}
+
+impl Default for LifecycleSection {
+    fn default() -> Self {
+        LifecycleSection {
+            isolate_after_support_end: true,
+            support_warning_days: 90,
+            on_integrity_failure: IntegrityPolicy::Isolate,
+            ota_chunk_size: 16 * 1024,
+            max_image_size: 32 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for SeclogSection {
+    fn default() -> Self {
+        SeclogSection {
+            retention_days: 365,
+            max_entries: 100_000,
+        }
     }
 }
 
@@ -507,6 +567,44 @@ impl Config {
             self.privacy.history_days,
             0,
             3650,
+        )?;
+        let lifecycle = &self.lifecycle;
+        check_range(
+            "lifecycle",
+            "support_warning_days",
+            lifecycle.support_warning_days,
+            0,
+            3650,
+        )?;
+        // A chunk and its PUBLISH header must fit the edge's packet limit.
+        let max_chunk = self.edge.max_packet_size.saturating_sub(1024).min(1 << 20);
+        check_range(
+            "lifecycle",
+            "ota_chunk_size",
+            lifecycle.ota_chunk_size,
+            512,
+            max_chunk,
+        )?;
+        check_range(
+            "lifecycle",
+            "max_image_size",
+            lifecycle.max_image_size,
+            1024,
+            256 * 1024 * 1024,
+        )?;
+        check_range(
+            "seclog",
+            "retention_days",
+            self.seclog.retention_days,
+            1,
+            3650,
+        )?;
+        check_range(
+            "seclog",
+            "max_entries",
+            self.seclog.max_entries,
+            1000,
+            10_000_000,
         )?;
         Ok(())
     }

@@ -28,8 +28,10 @@ use crate::bus;
 use crate::ca::{self, Ca};
 use crate::config::{self, Config};
 use crate::edge::{self, EdgeHandle, TlsMaterial};
+use crate::lifecycle;
 use crate::model::Qos;
 use crate::registry::{self, RegistryHandle};
+use crate::seclog::SecLog;
 use crate::store::{self, Store};
 use crate::systemd;
 use crate::wipe;
@@ -40,6 +42,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 /// Device events in flight between the edge and the automation runner.
 /// Beyond it events are dropped and counted rather than slowing the edge.
 const BUS_CAPACITY: usize = 8192;
+
+/// Device reports (meta, update messages) in flight to the lifecycle
+/// service; beyond it they are dropped with a warning.
+const REPORTS_CAPACITY: usize = 4096;
 
 /// How often the server certificate's expiry is checked.
 const RENEW_CHECK: Duration = Duration::from_secs(3600);
@@ -74,6 +80,8 @@ pub enum Error {
     Api(#[from] api::Error),
     #[error("automation: {0}")]
     Automation(#[from] automation::Error),
+    #[error("lifecycle: {0}")]
+    Lifecycle(#[from] lifecycle::Error),
     /// The bound sockets could not be handed to a new start of the hub.
     #[error("cannot take over the listening sockets: {0}")]
     Sockets(std::io::Error),
@@ -240,6 +248,12 @@ async fn run_once(
     let edge_stop = CancellationToken::new();
     let edge_tasks = TaskTracker::new();
     let (bus_tx, bus_rx) = bus::channel(BUS_CAPACITY);
+    // The security log starts first and stops last: every other subsystem
+    // records into it.
+    let seclog_stop = CancellationToken::new();
+    let seclog_tasks = TaskTracker::new();
+    let seclog = SecLog::start(registry.store().clone(), &seclog_tasks, seclog_stop.clone())?;
+    let (reports_tx, reports_rx) = mpsc::channel(REPORTS_CAPACITY);
     let setup = edge::Setup {
         cfg: config.edge.clone(),
         material,
@@ -249,6 +263,8 @@ async fn run_once(
         pairing_cfg: config.pairing.clone(),
         bus: Some(bus_tx.clone()),
         keep_history: config.privacy.history_days > 0,
+        reports: Some(reports_tx),
+        seclog: seclog.clone(),
     };
     let edge = edge::start(setup, &edge_tasks, edge_stop.clone()).await?;
 
@@ -270,6 +286,25 @@ async fn run_once(
     )
     .await?;
 
+    // Lifecycle reads devices' meta and update messages from the edge,
+    // publishes offers and chunks through it, and isolates through it.
+    let lifecycle_stop = CancellationToken::new();
+    let lifecycle_tasks = TaskTracker::new();
+    let lifecycle = lifecycle::start(
+        lifecycle::Setup {
+            registry: registry.clone(),
+            seclog: seclog.clone(),
+            cfg: config.lifecycle.clone(),
+            reports: reports_rx,
+            publish: hub_publisher(edge.clone()),
+            isolate: isolator(edge.clone()),
+            clock: lifecycle::Clock::system(),
+        },
+        &lifecycle_tasks,
+        lifecycle_stop.clone(),
+    )
+    .await?;
+
     let api_stop = CancellationToken::new();
     let api_tasks = TaskTracker::new();
     let (wipe_tx, mut wipe_rx) = mpsc::channel::<wipe::Job>(1);
@@ -286,6 +321,14 @@ async fn run_once(
             wiping: wiping.clone(),
             started,
             max_payload: config.edge.max_packet_size,
+            lifecycle: lifecycle.clone(),
+            lifecycle_cfg: (
+                config.lifecycle.isolate_after_support_end,
+                config.lifecycle.support_warning_days,
+            ),
+            seclog: seclog.clone(),
+            seclog_days: config.seclog.retention_days,
+            max_image_size: config.lifecycle.max_image_size,
         };
         let group = config.admin.group.clone();
         let stop = api_stop.clone();
@@ -315,6 +358,11 @@ async fn run_once(
     aux_tasks.spawn(prune_history(
         registry.clone(),
         config.privacy.history_days,
+        aux_stop.clone(),
+    ));
+    aux_tasks.spawn(prune_seclog(
+        registry.clone(),
+        config.seclog.clone(),
         aux_stop.clone(),
     ));
 
@@ -361,8 +409,10 @@ async fn run_once(
         wiping.store(true, std::sync::atomic::Ordering::SeqCst);
         let stops = [
             ("aux", &aux_stop, &aux_tasks),
+            ("lifecycle", &lifecycle_stop, &lifecycle_tasks),
             ("automation", &automation_stop, &automation_tasks),
             ("edge", &edge_stop, &edge_tasks),
+            ("security log", &seclog_stop, &seclog_tasks),
         ];
         let result = wipe_now(
             config,
@@ -379,8 +429,10 @@ async fn run_once(
         // The receipt is on its way; the API ends once it has been sent.
         let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
         stop_one(("admin api", &api_stop, &api_tasks), deadline).await;
+        drop(lifecycle);
         drop(automation);
         drop(edge);
+        drop(seclog);
         drop(registry);
         return match failed {
             // The marker is on disk: the next start finishes the wipe.
@@ -395,8 +447,10 @@ async fn run_once(
     for (name, stop, tasks) in [
         ("aux", &aux_stop, &aux_tasks),
         ("admin api", &api_stop, &api_tasks),
+        ("lifecycle", &lifecycle_stop, &lifecycle_tasks),
         ("automation", &automation_stop, &automation_tasks),
         ("edge", &edge_stop, &edge_tasks),
+        ("security log", &seclog_stop, &seclog_tasks),
     ] {
         stop_one((name, stop, tasks), deadline).await;
     }
@@ -405,8 +459,10 @@ async fn run_once(
     if let Err(e) = registry.store().flush() {
         warn!(error = %e, "final store flush failed");
     }
+    drop(lifecycle);
     drop(automation);
     drop(edge);
+    drop(seclog);
     drop(registry);
     info!("stopped");
     outcome.map(|()| Exit::Stopped)
@@ -571,6 +627,63 @@ fn command_publisher(edge: EdgeHandle) -> automation::Publisher {
                 })
         })
     })
+}
+
+/// Publishes as the hub for the lifecycle service (offers, chunks).
+fn hub_publisher(edge: EdgeHandle) -> lifecycle::Publisher {
+    Arc::new(move |topic: String, payload, retain| {
+        let edge = edge.clone();
+        Box::pin(async move {
+            edge.publish(&topic, payload, Qos::AtLeastOnce, retain)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    })
+}
+
+/// Isolates a device for the lifecycle service's policies.
+fn isolator(edge: EdgeHandle) -> lifecycle::Isolator {
+    Arc::new(move |id, reason: String| {
+        let edge = edge.clone();
+        Box::pin(async move {
+            edge.isolate(&id, &reason, "lifecycle policy")
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    })
+}
+
+/// Deletes security events past `[seclog] retention_days` or beyond
+/// `max_entries`, at start and hourly.
+async fn prune_seclog(
+    registry: RegistryHandle,
+    cfg: config::SeclogSection,
+    stop: CancellationToken,
+) {
+    let prune = move || {
+        let registry = registry.clone();
+        let cfg = cfg.clone();
+        async move {
+            let cutoff = crate::clock::trusted_now().unix_timestamp() * 1000
+                - i64::from(cfg.retention_days) * 86_400_000;
+            let max = cfg.max_entries;
+            match on_registry(&registry, move |r| {
+                r.store()
+                    .prune_seclog(cutoff, max)
+                    .map_err(registry::Error::from)
+            })
+            .await
+            {
+                Ok(0) => {}
+                Ok(n) => info!(pruned = n, "security events past their retention deleted"),
+                Err(e) => warn!(error = %e, "cannot prune the security log"),
+            }
+            ControlFlow::Continue(())
+        }
+    };
+    let _ = prune().await;
+    every(Duration::from_secs(3600), stop, prune).await;
 }
 
 /// Runs `job` every `period`, the first time one period after start, until

@@ -57,15 +57,16 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::acl::{self, Principal, TopicLimits};
-use crate::bus::{BusTx, HubEvent};
+use crate::bus::{BusTx, DeviceReport, HubEvent};
 
 mod pairing_listener;
 use crate::ca::{self, ServerIdentity};
 use crate::config::EdgeSection;
 use crate::config::PairingSection;
 use crate::model::{DeviceId, Qos};
-use crate::registry::RegistryHandle;
-use crate::store::{HistoryRecord, RetainedKind};
+use crate::registry::{self, RegistryHandle};
+use crate::seclog::{self, SecLog, Severity};
+use crate::store::{DeviceRecord, HistoryRecord, RetainedKind};
 pub use pairing_listener::OpenedWindow;
 
 /// Client id of the hub's own router link. `_` cannot appear in a device id,
@@ -145,6 +146,10 @@ pub enum Error {
         topic: String,
         source: acl::TopicError,
     },
+    #[error(transparent)]
+    Registry(registry::Error),
+    #[error("security log: {0}")]
+    Seclog(String),
 }
 
 /// Message and connection counters, reported by `Status`.
@@ -370,6 +375,11 @@ struct Shared {
     retained_tx: mpsc::Sender<(DeviceId, RetainedKind, Vec<u8>)>,
     /// What devices do, for automation: states, events, online, offline.
     bus: Option<BusTx>,
+    /// What devices say of themselves (meta) and their half of firmware
+    /// updates, for the lifecycle service.
+    reports: Option<mpsc::Sender<DeviceReport>>,
+    /// Where security events go.
+    seclog: SecLog,
     /// Device states and events on their way to the history (none when
     /// `[privacy] history_days` is 0).
     history_tx: Option<mpsc::Sender<HistoryRecord>>,
@@ -505,6 +515,102 @@ impl EdgeHandle {
 }
 
 impl EdgeHandle {
+    /// Isolates a device now: records it (durably, with the reason), tells
+    /// the ACL, posts the retained notice on `$hub/isolation/<id>`, ends its
+    /// session (it reconnects with the isolated profile) and logs a
+    /// security event naming `actor`.
+    pub async fn isolate(
+        &self,
+        id: &DeviceId,
+        reason: &str,
+        actor: &str,
+    ) -> Result<DeviceRecord, Error> {
+        let registry = self.shared.registry.clone();
+        let (target, why) = (id.clone(), reason.to_owned());
+        let device = tokio::task::spawn_blocking(move || registry.isolate(&target, &why))
+            .await?
+            .map_err(Error::Registry)?;
+        self.refresh_isolated().await?;
+        let notice = serde_json::json!({"isolated": true, "reason": reason}).to_string();
+        self.publish(
+            &format!("$hub/isolation/{id}"),
+            Bytes::from(notice),
+            Qos::AtLeastOnce,
+            true,
+        )
+        .await?;
+        self.disconnect(id).await;
+        let severity = if actor.starts_with("uid ") {
+            Severity::Info
+        } else {
+            Severity::Alert
+        };
+        self.shared
+            .seclog
+            .record_durable(
+                seclog::Event::new(
+                    seclog::Kind::DeviceIsolated,
+                    severity,
+                    format!("isolated: {reason}"),
+                )
+                .device(id)
+                .actor(actor)
+                .evidence("reason", reason),
+            )
+            .await
+            .map_err(Error::Seclog)?;
+        Ok(device)
+    }
+
+    /// Ends a device's isolation: clears the notice and ends its session so
+    /// it comes back with its full rights.
+    pub async fn release(&self, id: &DeviceId, actor: &str) -> Result<DeviceRecord, Error> {
+        let registry = self.shared.registry.clone();
+        let target = id.clone();
+        let device = tokio::task::spawn_blocking(move || registry.release(&target))
+            .await?
+            .map_err(Error::Registry)?;
+        self.refresh_isolated().await?;
+        // An empty retained message clears the notice.
+        self.publish(
+            &format!("$hub/isolation/{id}"),
+            Bytes::new(),
+            Qos::AtLeastOnce,
+            true,
+        )
+        .await?;
+        self.disconnect(id).await;
+        self.shared
+            .seclog
+            .record_durable(
+                seclog::Event::new(
+                    seclog::Kind::DeviceReleased,
+                    Severity::Info,
+                    "released from isolation",
+                )
+                .device(id)
+                .actor(actor),
+            )
+            .await
+            .map_err(Error::Seclog)?;
+        Ok(device)
+    }
+
+    /// Tells the ACL which devices are isolated now, from the store.
+    pub async fn refresh_isolated(&self) -> Result<(), Error> {
+        let registry = self.shared.registry.clone();
+        let isolated = tokio::task::spawn_blocking(move || registry.isolated())
+            .await?
+            .map_err(Error::Registry)?;
+        self.set_isolated(isolated);
+        Ok(())
+    }
+
+    /// The security log the edge records into.
+    pub fn seclog(&self) -> &SecLog {
+        &self.shared.seclog
+    }
+
     /// Asks a device to reset: publishes `{"reason": reason}` to
     /// `d/<id>/cmd/reset` at QoS 1, having first watched
     /// `d/<id>/ack/reset` so the acknowledgement cannot be missed; the
@@ -670,6 +776,10 @@ pub struct Setup {
     pub bus: Option<BusTx>,
     /// Whether device states and events are kept in the history.
     pub keep_history: bool,
+    /// Where devices' meta and update messages go (the lifecycle service).
+    pub reports: Option<mpsc::Sender<DeviceReport>>,
+    /// The security log.
+    pub seclog: SecLog,
 }
 
 /// Starts the rumqttd router and the edge's accept loop on `listener`. The
@@ -688,6 +798,8 @@ pub async fn start(
         pairing_cfg,
         bus,
         keep_history,
+        reports,
+        seclog,
     } = setup;
     let local_addr = listener.local_addr().map_err(Error::Listener)?;
     let tls = material.build()?;
@@ -775,6 +887,8 @@ pub async fn start(
         next_hub_pkid: AtomicU64::new(0),
         retained_tx,
         bus,
+        reports,
+        seclog,
         history_tx,
         shutdown: shutdown.clone(),
     });
@@ -1408,6 +1522,24 @@ impl Conn {
             self.renew(&publish.payload);
             return self.ack_qos1(qos, &publish, PubAckReason::Success).await;
         }
+        if let Principal::Device(id) = &self.principal
+            && let Some(which) = acl::own_suffix(id, topic).and_then(|s| s.strip_prefix("update/"))
+        {
+            // The device's half of a firmware update: for the lifecycle
+            // service, never routed.
+            let report = match which {
+                "get" => DeviceReport::UpdateGet {
+                    device: id.clone(),
+                    payload: publish.payload.clone(),
+                },
+                _ => DeviceReport::UpdateResult {
+                    device: id.clone(),
+                    payload: publish.payload.clone(),
+                },
+            };
+            self.report(report);
+            return self.ack_qos1(qos, &publish, PubAckReason::Success).await;
+        }
         self.note_device_topics(topic, &publish);
         let mut publish = publish;
         publish.topic = escape_dollar_bytes(publish.topic);
@@ -1506,7 +1638,10 @@ impl Conn {
             return;
         };
         if which == RetainedKind::Meta {
-            self.note_kind(&publish.payload);
+            self.report(DeviceReport::Meta {
+                device: id.clone(),
+                payload: publish.payload.clone(),
+            });
         }
         if publish.retain {
             let update = (id.clone(), which, publish.payload.to_vec());
@@ -1570,21 +1705,15 @@ impl Conn {
         Ok(())
     }
 
-    /// Records the `kind` a device states in its metadata, in the background.
-    fn note_kind(&self, payload: &Bytes) {
-        let Ok(meta) = serde_json::from_slice::<serde_json::Value>(payload) else {
-            return;
-        };
-        let Some(kind) = meta.get("kind").and_then(|k| k.as_str()).map(str::to_owned) else {
-            return;
-        };
-        let registry = self.shared.registry.clone();
-        let id = self.id.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = registry.set_kind(&id, &kind) {
-                warn!(device = %id, error = %e, "cannot record the device kind");
-            }
-        });
+    /// Hands a device's report to the lifecycle service; a full queue
+    /// drops it with a warning (the device repeats its meta on reconnect,
+    /// and its update times out and asks again).
+    fn report(&self, report: DeviceReport) {
+        if let Some(tx) = &self.shared.reports
+            && tx.try_send(report).is_err()
+        {
+            warn!(device = %self.id, "lifecycle queue full: a device report was dropped");
+        }
     }
 
     /// Issues a renewed certificate for this device from the CSR in `payload`

@@ -13,14 +13,16 @@ pub mod model;
 // Layer 1: persistence and the CA.
 pub mod ca;
 pub mod store;
-// Layer 2: devices, and the pure pairing-window state machine.
+// Layer 2: devices, the pure pairing-window state machine, and the
+// hash-chained security log.
 pub mod pairing;
 pub mod registry;
+pub mod seclog;
 // Layer 3: the network edge.
 pub mod edge;
-// Layer 3 too: the rules engine's pure core (parsing, validation, evaluation,
-// schedules). The runner that feeds it events is not wired in yet.
+// Layer 3 too: the rules engine, and firmware, support periods and updates.
 pub mod automation;
+pub mod lifecycle;
 // Layer 3: the ownership-transfer wipe's file steps and marker.
 pub mod wipe;
 // Layer 4: the admin API, the only module that knows protobuf.

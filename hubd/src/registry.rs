@@ -198,6 +198,7 @@ impl RegistryHandle {
             isolation_reason: None,
             grants,
             kind: None,
+            lifecycle: Default::default(),
         };
         let cert = CertRecord {
             serial_hex: issued.serial_hex.clone(),
@@ -474,6 +475,26 @@ impl RegistryHandle {
         }
         self.update(id, |d| d.kind = Some(kind.to_owned()))?;
         Ok(())
+    }
+
+    /// Changes a device's lifecycle record (firmware, support, updates) in
+    /// one durable transaction.
+    pub fn update_lifecycle(
+        &self,
+        id: &DeviceId,
+        change: impl FnOnce(&mut store::Lifecycle),
+    ) -> Result<DeviceRecord, Error> {
+        self.update(id, |d| change(&mut d.lifecycle))
+    }
+
+    /// Changes a device's record as the lifecycle service decides (what
+    /// the device says it is and runs). Durable on return.
+    pub fn update_device_record(
+        &self,
+        id: &DeviceId,
+        change: impl FnOnce(&mut DeviceRecord),
+    ) -> Result<DeviceRecord, Error> {
+        self.update(id, change)
     }
 
     /// Ids of the devices isolated now.

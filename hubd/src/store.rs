@@ -42,13 +42,17 @@ use crate::model::{DeviceId, Grants, Role};
 pub const SCHEMA_VERSION: u32 = 2;
 
 /// The tables whose values are sealed under the data key: all but `meta`.
-pub const SEALED_TABLES: [&str; 6] = [
+pub const SEALED_TABLES: [&str; 10] = [
     "devices",
     "certs",
     "retained",
     "history",
     "rules",
     "automation",
+    "seclog",
+    "firmware",
+    "firmware_images",
+    "vendor_keys",
 ];
 
 /// Device records, keyed by device id.
@@ -71,6 +75,17 @@ const RULES: TableDefinition<&str, &[u8]> = TableDefinition::new("rules");
 /// by a fixed name, not by variable names).
 const AUTOMATION: TableDefinition<&str, &[u8]> = TableDefinition::new("automation");
 const VARS_KEY: &str = "vars";
+/// The security log, keyed by the entry's sequence number (16 hex digits),
+/// so the table's order is the chain's order.
+const SECLOG: TableDefinition<&str, &[u8]> = TableDefinition::new("seclog");
+/// The firmware catalogue: one record per (model, version), keyed by an
+/// opaque id derived from both.
+const FIRMWARE: TableDefinition<&str, &[u8]> = TableDefinition::new("firmware");
+/// Firmware images, keyed by their SHA-256 (hex).
+const FIRMWARE_IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("firmware_images");
+/// Vendor keys the owner trusts, one record per (model, key), keyed by an
+/// opaque id derived from both.
+const VENDOR_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("vendor_keys");
 /// Store-wide counters and the schema version, keyed by the names below.
 /// Meta values are plain JSON and will stay unencrypted: the schema version
 /// must be readable before the data key is, and none of it is personal.
@@ -82,6 +97,9 @@ const META_CRL_NUMBER: &str = "crl_number";
 /// one the store was sealed with, before any record is read.
 const META_KEY_CHECK: &str = "key_check";
 const KEY_CHECK_PLAIN: &[u8] = b"hubd data key check";
+/// Where the security log's chain starts after pruning (see
+/// [`SeclogAnchor`]).
+const META_SECLOG_ANCHOR: &str = "seclog_anchor";
 
 /// redb's page cache limit. Its default is 1 GiB, as much as a small
 /// Raspberry Pi has in all; the hub's working set is a few megabytes.
@@ -122,6 +140,9 @@ pub struct DeviceRecord {
     /// What the device says it is, from its `d/<id>/meta`.
     #[serde(default)]
     pub kind: Option<String>,
+    /// Firmware, support period and updates (the `lifecycle` module).
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
 }
 
 /// One automation rule as stored: its source, a single `[[rule]]` table in
@@ -156,6 +177,147 @@ impl HistoryRecord {
     fn key(&self, seq: u32) -> String {
         format!("{}/{:016x}{seq:08x}", self.device, self.at_ms.max(0))
     }
+}
+
+/// What the hub knows of a device's firmware, support period and updates.
+/// The device reports most of it in its `d/<id>/meta`; the `lifecycle`
+/// module owns the rules for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lifecycle {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub vendor: Option<String>,
+    /// The running firmware's version and SHA-256 (hex), as reported.
+    #[serde(default)]
+    pub firmware: Option<String>,
+    #[serde(default)]
+    pub firmware_sha256: Option<String>,
+    /// The support end the device reports (`YYYY-MM-DD`).
+    #[serde(default)]
+    pub support_end_reported: Option<String>,
+    /// The support end the owner set; it wins over the reported one.
+    #[serde(default)]
+    pub support_end_owner: Option<String>,
+    /// The support end the end-of-life policy last acted on, so it acts
+    /// once per date (an owner who releases the device is not overruled).
+    #[serde(default)]
+    pub eol_handled: Option<String>,
+    /// The last integrity problem (unrecognised or unoffered firmware);
+    /// cleared when the device reports recognised firmware.
+    #[serde(default)]
+    pub integrity: Option<String>,
+    /// The latest update offered to the device and how it went.
+    #[serde(default)]
+    pub update: Option<UpdateRecord>,
+}
+
+/// An update the hub offered a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateRecord {
+    /// The offer id on the wire.
+    pub offer: String,
+    pub version: String,
+    pub sha256: String,
+    pub state: UpdateState,
+    /// Why it failed: the device's error code and message.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// When the state last changed (Unix seconds).
+    pub at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpdateState {
+    /// Offered; the device has not fetched anything yet.
+    Offered,
+    /// The device is fetching the image.
+    Downloading,
+    /// The device installed it and reported the new version.
+    Installed,
+    /// The device refused or failed; `error` says why.
+    Failed,
+}
+
+/// A firmware image in the catalogue (its bytes are in `firmware_images`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirmwareRecord {
+    pub model: String,
+    pub version: String,
+    /// SHA-256 of the image, hex.
+    pub sha256: String,
+    pub size: u64,
+    /// The vendor's Ed25519 signature, 64 bytes.
+    pub signature: Vec<u8>,
+    /// The id of the vendor key that signed it.
+    pub key_id: String,
+    pub added_at: i64,
+}
+
+impl FirmwareRecord {
+    fn key(&self) -> String {
+        opaque_key(&[&self.model, &self.version])
+    }
+}
+
+/// An Ed25519 vendor key the owner trusts for one model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VendorKeyRecord {
+    pub model: String,
+    /// The 32-byte public key.
+    pub public_key: Vec<u8>,
+    /// `sha256:` and the first 16 hex digits of the key's SHA-256.
+    pub key_id: String,
+    pub added_at: i64,
+}
+
+impl VendorKeyRecord {
+    fn key(&self) -> String {
+        opaque_key(&[&self.model, &self.key_id])
+    }
+}
+
+/// A key that reveals nothing of the names it is made from.
+fn opaque_key(parts: &[&str]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in parts {
+        ctx.update(p.as_bytes());
+        ctx.update(b"\n");
+    }
+    hex::encode(&ctx.finish().as_ref()[..16])
+}
+
+/// One entry of the security log. The `seclog` module owns its meaning and
+/// its hashing; the store keeps it sealed, keyed by `seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeclogEntry {
+    pub seq: u64,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    /// What happened, such as `device.isolated` (see `seclog::Kind`).
+    pub kind: String,
+    /// `info`, `warning` or `alert`.
+    pub severity: String,
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Who caused it: `uid 1000`, `hub`, a policy, or an address.
+    pub actor: String,
+    pub message: String,
+    /// Evidence, such as expected and seen values.
+    #[serde(default)]
+    pub evidence: std::collections::BTreeMap<String, String>,
+    /// Hex SHA-256 of the previous entry (of the anchor for the first).
+    pub prev: String,
+    /// Hex SHA-256 of this entry (everything above, `prev` included).
+    pub hash: String,
+}
+
+/// The chain's starting point after old entries were pruned: the first
+/// kept entry's `seq` and the hash its `prev` must equal.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeclogAnchor {
+    pub first_seq: u64,
+    pub prev: String,
 }
 
 /// Which retained topic of a device a stored payload belongs to.
@@ -275,6 +437,9 @@ pub enum Error {
     #[error("store {}: {detail}", .path.display())]
     Mismatch { path: PathBuf, detail: String },
 }
+
+mod catalogue;
+mod seclog;
 
 /// Attaches the store path to redb's errors, so `?` reads cleanly below.
 trait DbContext<T> {
@@ -424,6 +589,8 @@ pub enum Retention {
     WithTheCa,
     /// By the system journal's own settings.
     Journal,
+    /// `[seclog] retention_days` and `max_entries`, pruned hourly.
+    SeclogDays,
 }
 
 pub const INVENTORY: &[InventoryItem] = &[
@@ -474,6 +641,38 @@ pub const INVENTORY: &[InventoryItem] = &[
         why: "to run your automations",
         retention: Retention::UntilRemoved,
         export: Some("variables"),
+    },
+    InventoryItem {
+        table: Some("seclog"),
+        place: "hub.redb, table seclog (encrypted)",
+        holds: "security events: pairing, refused connections, isolation, firmware, admin changes with the admin's uid, anomalies",
+        why: "to show you what happened to your hub's security, and to prove it was not edited (a hash chain)",
+        retention: Retention::SeclogDays,
+        export: Some("security_events"),
+    },
+    InventoryItem {
+        table: Some("firmware"),
+        place: "hub.redb, table firmware (encrypted)",
+        holds: "the firmware catalogue: model, version, image hash and the vendor's signature: no personal data",
+        why: "to offer signed updates and recognise the firmware devices run",
+        retention: Retention::UntilRemoved,
+        export: None,
+    },
+    InventoryItem {
+        table: Some("firmware_images"),
+        place: "hub.redb, table firmware_images (encrypted)",
+        holds: "firmware images you added: no personal data",
+        why: "to send updates to devices",
+        retention: Retention::UntilRemoved,
+        export: None,
+    },
+    InventoryItem {
+        table: Some("vendor_keys"),
+        place: "hub.redb, table vendor_keys (encrypted)",
+        holds: "the vendor keys you trust, per model: no personal data",
+        why: "to check firmware signatures",
+        retention: Retention::UntilRemoved,
+        export: None,
     },
     InventoryItem {
         table: Some("meta"),
@@ -583,6 +782,10 @@ impl Store {
             txn.open_table(RULES).ctx(path)?;
             txn.open_table(AUTOMATION).ctx(path)?;
             txn.open_table(HISTORY).ctx(path)?;
+            txn.open_table(SECLOG).ctx(path)?;
+            txn.open_table(FIRMWARE).ctx(path)?;
+            txn.open_table(FIRMWARE_IMAGES).ctx(path)?;
+            txn.open_table(VENDOR_KEYS).ctx(path)?;
             self.meta_get::<u32>(&meta, META_SCHEMA_VERSION)?
         };
         match found {
@@ -1238,7 +1441,7 @@ impl Store {
     fn sealed_tables() -> [(
         TableDefinition<'static, &'static str, &'static [u8]>,
         &'static str,
-    ); 6] {
+    ); 10] {
         [
             (DEVICES, "devices"),
             (CERTS, "certs"),
@@ -1246,6 +1449,10 @@ impl Store {
             (HISTORY, "history"),
             (RULES, "rules"),
             (AUTOMATION, "automation"),
+            (SECLOG, "seclog"),
+            (FIRMWARE, "firmware"),
+            (FIRMWARE_IMAGES, "firmware_images"),
+            (VENDOR_KEYS, "vendor_keys"),
         ]
     }
 
@@ -1444,6 +1651,7 @@ mod tests {
             isolation_reason: None,
             grants: Grants::default(),
             kind: None,
+            lifecycle: Default::default(),
         };
         let cert = CertRecord {
             serial_hex: serial.to_owned(),

@@ -140,6 +140,7 @@ fn fill(state: &std::path::Path, devices: usize, records: usize) -> anyhow::Resu
             isolation_reason: None,
             grants: Grants::default(),
             kind: Some("sensor".to_owned()),
+            lifecycle: Default::default(),
         };
         let cert = CertRecord {
             serial_hex: serial,

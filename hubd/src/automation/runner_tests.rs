@@ -145,6 +145,7 @@ fn add_device(store: &Store, device: &str) {
         isolation_reason: None,
         grants: Grants::default(),
         kind: None,
+        lifecycle: Default::default(),
     };
     let cert = CertRecord {
         serial_hex: serial,
