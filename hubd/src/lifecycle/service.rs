@@ -133,6 +133,9 @@ struct Inner {
     sweep: Notify,
     /// Serialises catalogue and offer changes.
     changes: tokio::sync::Mutex<()>,
+    /// One support sweep at a time (the hourly one, and those after a
+    /// support date changed), so a policy acts once per date.
+    sweeping: tokio::sync::Mutex<()>,
 }
 
 /// A cloneable handle on the lifecycle service.
@@ -181,6 +184,7 @@ pub async fn start(
             offers: Mutex::new(HashMap::new()),
             sweep: Notify::new(),
             changes: tokio::sync::Mutex::new(()),
+            sweeping: tokio::sync::Mutex::new(()),
         }),
     };
     handle.resume_offers().await?;
@@ -570,6 +574,7 @@ impl LifecycleHandle {
     /// Applies the end-of-life policy to every device whose support has
     /// ended and was not yet acted on for that date.
     pub async fn sweep(&self) -> Result<(), Error> {
+        let _one = self.inner.sweeping.lock().await;
         let registry = self.inner.registry.clone();
         let devices = blocking(move || Ok(registry.devices()?)).await?;
         for d in devices {
@@ -1012,3 +1017,7 @@ fn apply_report(l: &mut store::Lifecycle, r: &MetaReport, problem: Option<&Integ
         u.at = now();
     }
 }
+
+#[cfg(test)]
+#[path = "service_tests.rs"]
+mod tests;
