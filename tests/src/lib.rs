@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+pub mod ota;
 pub mod pair;
 pub mod raw;
 pub mod renew;

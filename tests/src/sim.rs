@@ -16,6 +16,14 @@
 //! fleet keeps shared counters and a log of connection attempts, so tests and
 //! benchmarks can ask "how many attempts reached the hub in each second".
 //!
+//! Every device also takes signed firmware updates (hubd/OTA.md): it
+//! subscribes to `d/<id>/ota/#` on every (re)connect and hands what arrives
+//! there to its [`OtaDevice`], which trusts [`FleetConfig::vendor_key`]. It
+//! fetches, verifies and installs as OTA.md says, reports on
+//! `d/<id>/update/result` and then publishes its new meta. The firmware a
+//! device runs lives as long as the [`Fleet`] (a new fleet starts again from
+//! the factory firmware of its [`Kind`]).
+//!
 //! [`enroll_devices`] enrols devices through the admin API (factory
 //! provisioning, fast); [`provision`] pairs them through the real pairing
 //! path and keeps their identities in a directory for the next run.
@@ -37,13 +45,25 @@ use rumqttc::{
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
+use crate::ota::{self, OtaDevice, Outcome, Step, VendorKey};
 use crate::pair::{self, PairError, PairingUri};
 use crate::{DeviceIdentity, TestHub};
 
 /// Requests a device's `AsyncClient` may queue for its event loop. A device
-/// sends at most three requests per (re)connect and one per reading, so ten
-/// is plenty, and it keeps a thousand devices' queues small.
-pub const REQUEST_CHANNEL: usize = 10;
+/// sends at most five requests per (re)connect (meta, two subscriptions, a
+/// resumed chunk request, state), one per reading, one per firmware chunk
+/// and two when an update ends (result, meta), so sixteen is plenty, and it
+/// keeps a thousand devices' queues small.
+pub const REQUEST_CHANNEL: usize = 16;
+
+/// The largest packet a device accepts: a firmware chunk of
+/// [`ota::MAX_CHUNK_SIZE`] with room for its topic and header (rumqttc's
+/// default, 10 KiB, is less than one 16 KiB chunk).
+pub const MAX_INCOMING_PACKET: usize = ota::MAX_CHUNK_SIZE as usize + 4096;
+
+/// The largest packet a device sends (rumqttc's default: meta, state and OTA
+/// requests are small).
+const MAX_OUTGOING_PACKET: usize = 10 * 1024;
 
 /// Most connection-attempt times the fleet remembers; older ones are
 /// forgotten first, so a long `hubsim run` holds at most 16 MiB of them.
@@ -224,7 +244,7 @@ impl Kind {
         }
     }
 
-    /// The simulated product: (model, firmware version).
+    /// The simulated product: (model, factory firmware version).
     fn product(self) -> (&'static str, &'static str) {
         match self {
             Kind::Sensor => ("HS-TH20", "2.3.1"),
@@ -232,20 +252,43 @@ impl Kind {
         }
     }
 
+    /// The simulated product's model name (`HS-TH20`, `HS-SW10`).
+    pub fn model(self) -> &'static str {
+        self.product().0
+    }
+
+    /// The firmware version a device of this kind leaves the factory with.
+    pub fn factory_firmware(self) -> &'static str {
+        self.product().1
+    }
+
+    /// The factory firmware image. The simulated image is its own
+    /// description, `"hubsim <model> firmware <version>"`, so its hash is
+    /// stable across runs, as a real device's would be.
+    pub fn factory_image(self) -> Vec<u8> {
+        let (model, firmware) = self.product();
+        format!("{VENDOR} {model} firmware {firmware}").into_bytes()
+    }
+
+    /// The retained `d/<id>/meta` document of a device fresh from the
+    /// factory; see [`meta_running`](Self::meta_running).
+    pub fn meta(self) -> serde_json::Value {
+        self.meta_running(
+            self.factory_firmware(),
+            &ota::sha256_hex(&self.factory_image()),
+        )
+    }
+
     /// The retained `d/<id>/meta` document: what the device says it is, what
     /// firmware it runs (version and SHA-256 of the image) and until when its
     /// maker supports it (principle 2's "defined support period").
-    pub fn meta(self) -> serde_json::Value {
-        let (model, firmware) = self.product();
-        // The simulated firmware image is its own description; its hash is
-        // stable across runs, as a real device's would be.
-        let image = format!("{VENDOR} {model} firmware {firmware}");
+    pub fn meta_running(self, firmware: &str, firmware_sha256: &str) -> serde_json::Value {
         serde_json::json!({
             "kind": self.as_str(),
-            "model": model,
+            "model": self.model(),
             "vendor": VENDOR,
             "firmware": firmware,
-            "firmware_sha256": hex(&pair::sha256(image.as_bytes())),
+            "firmware_sha256": firmware_sha256,
             "support_end": SUPPORT_END,
         })
     }
@@ -276,10 +319,6 @@ const VENDOR: &str = "hubsim";
 /// The end of the simulated devices' support period.
 const SUPPORT_END: &str = "2031-12-31";
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// How every device of a fleet behaves.
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
@@ -299,6 +338,14 @@ pub struct FleetConfig {
     /// Seeds every device's generator from this and its index, for
     /// reproducible runs; `None` draws fresh entropy.
     pub seed: Option<u64>,
+    /// The Ed25519 public key the devices' maker built in: they install only
+    /// images it signed. By default the simulated maker's test key,
+    /// [`VendorKey::hubsim`].
+    pub vendor_key: [u8; 32],
+    /// A fault: every device flips one byte of each downloaded image before
+    /// verifying it (tampering in transit or storage), so every update is
+    /// refused as `hash`.
+    pub ota_fault_corrupt: bool,
 }
 
 impl Default for FleetConfig {
@@ -312,6 +359,8 @@ impl Default for FleetConfig {
             connect_timeout: Duration::from_secs(10),
             start_spread: Duration::ZERO,
             seed: None,
+            vendor_key: VendorKey::hubsim().public_key(),
+            ota_fault_corrupt: false,
         }
     }
 }
@@ -351,6 +400,11 @@ pub struct FleetStats {
     /// or removal): acknowledged it and forgot their credentials; they do
     /// not reconnect.
     pub forgot: u64,
+    /// Firmware updates the devices verified, installed and reported.
+    pub updates_installed: u64,
+    /// Offers the devices answered with `"ok":false`, whatever the error
+    /// code (refused before the download, failed during it or after).
+    pub updates_refused: u64,
 }
 
 /// The fleet's shared counters; each field is one of [`FleetStats`].
@@ -384,6 +438,10 @@ struct Counters {
     gave_up: AtomicU64,
     /// Devices that obeyed a reset.
     forgot: AtomicU64,
+    /// Firmware updates installed.
+    updates_installed: AtomicU64,
+    /// Offers answered with a refusal or failure.
+    updates_refused: AtomicU64,
 }
 
 /// One device's part of the shared state.
@@ -398,6 +456,54 @@ struct Slot {
     /// Set by a reset command: the device has forgotten its credentials and
     /// does not connect again.
     forgot: AtomicBool,
+    /// Firmware updates: the state machine (which also holds the running
+    /// firmware) and its retry deadline.
+    ota: Mutex<OtaState>,
+    /// Wakes the device's [`ota_timer`] when `OtaState::retry_at` changes.
+    ota_timer: Notify,
+}
+
+impl Slot {
+    fn new(id: String, kind: Kind, cfg: &FleetConfig, rng: SimRng) -> Slot {
+        let mut device = OtaDevice::new(
+            kind.model(),
+            kind.factory_firmware(),
+            &ota::sha256_hex(&kind.factory_image()),
+            cfg.vendor_key,
+        );
+        device.corrupt_download = cfg.ota_fault_corrupt;
+        Slot {
+            id,
+            kind,
+            connected_at: AtomicU64::new(0),
+            state: Mutex::new(DeviceState::new(kind, rng)),
+            forgot: AtomicBool::new(false),
+            ota: Mutex::new(OtaState {
+                device,
+                retry_at: None,
+            }),
+            ota_timer: Notify::new(),
+        }
+    }
+
+    /// The device's meta, naming the firmware it runs now.
+    fn meta(&self) -> serde_json::Value {
+        lock(&self.ota).meta(self.kind)
+    }
+}
+
+/// A device's firmware updates.
+struct OtaState {
+    device: OtaDevice,
+    /// When the outstanding chunk request counts as unanswered: set at each
+    /// request, cleared when none is outstanding or the session ends.
+    retry_at: Option<tokio::time::Instant>,
+}
+
+impl OtaState {
+    fn meta(&self, kind: Kind) -> serde_json::Value {
+        kind.meta_running(self.device.version(), self.device.sha256())
+    }
 }
 
 /// What a device knows about itself.
@@ -488,6 +594,17 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(slots: Vec<Arc<Slot>>) -> Shared {
+        Shared {
+            origin: Instant::now(),
+            slots,
+            counters: Counters::default(),
+            attempt_log: Mutex::new(VecDeque::new()),
+            changed: Notify::new(),
+            network_up: watch::Sender::new(true),
+        }
+    }
+
     fn bump(&self, counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
         self.changed.notify_waiters();
@@ -533,23 +650,11 @@ impl Fleet {
         let slots = devices
             .iter()
             .map(|(identity, kind)| {
-                Arc::new(Slot {
-                    id: identity.id.clone(),
-                    kind: *kind,
-                    connected_at: AtomicU64::new(0),
-                    state: Mutex::new(DeviceState::new(*kind, SimRng::seeded(seeds.next_u64()))),
-                    forgot: AtomicBool::new(false),
-                })
+                let rng = SimRng::seeded(seeds.next_u64());
+                Arc::new(Slot::new(identity.id.clone(), *kind, &cfg, rng))
             })
             .collect();
-        let shared = Arc::new(Shared {
-            origin: Instant::now(),
-            slots,
-            counters: Counters::default(),
-            attempt_log: Mutex::new(VecDeque::new()),
-            changed: Notify::new(),
-            network_up: watch::Sender::new(true),
-        });
+        let shared = Arc::new(Shared::new(slots));
         let cfg = Arc::new(cfg);
         let tasks = devices
             .into_iter()
@@ -605,7 +710,22 @@ impl Fleet {
             commands: get(&c.commands),
             gave_up: get(&c.gave_up),
             forgot: get(&c.forgot),
+            updates_installed: get(&c.updates_installed),
+            updates_refused: get(&c.updates_refused),
         }
+    }
+
+    /// The firmware device `id` runs now: (version, SHA-256 of the image in
+    /// lowercase hex); `None` for an id not in this fleet. An update is
+    /// counted in [`FleetStats::updates_installed`] only after it shows
+    /// here, so [`wait_until`](Self::wait_until) can wait for either.
+    pub fn firmware(&self, id: &str) -> Option<(String, String)> {
+        let slot = self.shared.slots.iter().find(|s| s.id == id)?;
+        let ota = lock(&slot.ota);
+        Some((
+            ota.device.version().to_owned(),
+            ota.device.sha256().to_owned(),
+        ))
     }
 
     /// The ids of the devices that obeyed a reset and forgot their
@@ -673,7 +793,18 @@ impl Fleet {
         self.shared.changed.notify_waiters();
     }
 
-    /// Waits until `cond` holds, re-checking whenever a counter changes; fails
+    /// The firmware offer device `id` is fetching, if any: (offer id, bytes
+    /// received so far).
+    pub fn downloading(&self, id: &str) -> Option<(String, u64)> {
+        let slot = self.shared.slots.iter().find(|s| s.id == id)?;
+        let ota = lock(&slot.ota);
+        let (offer, received) = ota.device.downloading()?;
+        Some((offer.id.clone(), received))
+    }
+
+    /// Waits until `cond` holds, re-checking whenever a counter changes or a
+    /// device's firmware download moves on (so [`firmware`](Self::firmware)
+    /// and [`downloading`](Self::downloading) can be waited on too); fails
     /// after `timeout` naming `what` and the counters.
     pub async fn wait_until(
         &self,
@@ -784,6 +915,7 @@ async fn device_task(
     options
         .set_keep_alive(cfg.keep_alive)
         .set_clean_session(true)
+        .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET)
         .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CHANNEL);
     let mut network = NetworkOptions::new();
@@ -809,6 +941,11 @@ async fn device_task(
         ))),
         _ => None,
     });
+    let _ota_timer = AbortOnDrop(Some(tokio::spawn(ota_timer(
+        client.clone(),
+        slot.clone(),
+        shared.clone(),
+    ))));
 
     tokio::time::sleep(rng.duration_up_to(cfg.start_spread)).await;
     let mut ever_connected = false;
@@ -849,11 +986,14 @@ async fn device_task(
                 .fetch_add(1, Ordering::Relaxed);
         }
         shared.counters.connected.fetch_add(1, Ordering::Relaxed);
-        announce(&client, &slot);
+        announce(&client, &slot, &shared);
         shared.changed.notify_waiters();
 
         let ended = serve(&client, &mut eventloop, &slot, &shared, &mut network_up).await;
         slot.connected_at.store(0, Ordering::Relaxed);
+        // No retries while offline: the next session asks again at once.
+        lock(&slot.ota).retry_at = None;
+        slot.ota_timer.notify_one();
         shared.counters.connected.fetch_sub(1, Ordering::Relaxed);
         backoff.on_disconnected(Instant::now());
         match ended {
@@ -881,10 +1021,12 @@ async fn network_lost(network_up: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Drives one session until it ends. Only this task polls the event loop;
-/// the sensor ticker and the command handler queue requests through the
-/// client, so no poll is ever cancelled halfway through a write (only the
-/// outage cancels one, and it drops the connection anyway).
+/// Drives one session until it ends. Only this task polls the event loop,
+/// and nothing but the outage interrupts a poll: the sensor ticker, the
+/// command handler, the OTA handler and the OTA retry timer (a task of its
+/// own, [`ota_timer`], rather than a timer branch here) queue requests
+/// through the client, so no poll is ever cancelled halfway through a write
+/// (only the outage cancels one, and it drops the connection anyway).
 async fn serve(
     client: &AsyncClient,
     eventloop: &mut EventLoop,
@@ -901,7 +1043,9 @@ async fn serve(
         match event {
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 shared.bump(&shared.counters.received);
-                on_command(client, slot, shared, &p.topic, &p.payload);
+                if !on_ota(client, slot, shared, &p.topic, &p.payload) {
+                    on_command(client, slot, shared, &p.topic, &p.payload);
+                }
             }
             Ok(Event::Outgoing(Outgoing::Publish(_))) => shared.bump(&shared.counters.published),
             Ok(_) => {}
@@ -910,10 +1054,12 @@ async fn serve(
     }
 }
 
-/// What a device sends on every (re)connect: its meta (retained), its
-/// command subscription (the session is clean, so the hub forgot it) and its
-/// last state (retained), so the hub's view is whole again whatever it lost.
-fn announce(client: &AsyncClient, slot: &Slot) {
+/// What a device sends on every (re)connect: its meta (retained, naming
+/// the firmware it runs now), its command and OTA subscriptions (the
+/// session is clean, so the hub forgot them), the chunk request of an
+/// unfinished firmware download, and its last state (retained), so the
+/// hub's view is whole again whatever it lost.
+fn announce(client: &AsyncClient, slot: &Slot, shared: &Shared) {
     let id = &slot.id;
     let state = lock(&slot.state).last.clone();
     let requests = [
@@ -921,17 +1067,166 @@ fn announce(client: &AsyncClient, slot: &Slot) {
             format!("d/{id}/meta"),
             QoS::AtMostOnce,
             true,
-            slot.kind.meta().to_string(),
+            slot.meta().to_string(),
         ),
         client.try_subscribe(format!("d/{id}/cmd/#"), QoS::AtLeastOnce),
-        client.try_publish(format!("d/{id}/state"), QoS::AtMostOnce, true, state),
+        client.try_subscribe(format!("d/{id}/ota/#"), QoS::AtLeastOnce),
     ];
-    for result in requests {
+    {
+        let mut ota = lock(&slot.ota);
+        let steps = ota.device.on_reconnect();
+        ota_steps(client, slot, shared, &mut ota, steps);
+    }
+    let state = client.try_publish(format!("d/{id}/state"), QoS::AtMostOnce, true, state);
+    for result in requests.into_iter().chain([state]) {
         if let Err(e) = result {
             // The queue is empty at a fresh session; this means the event
             // loop is gone, and the next poll reports why.
             tracing::debug!(device = %id, error = %e, "cannot queue the announcement");
         }
+    }
+}
+
+/// Where a device's OTA messages go: the session's client, or a recorder
+/// in tests. Publishing never waits (a full queue loses the message, which
+/// the retry timer or the next session makes up for).
+trait Outbox: Send + Sync + 'static {
+    fn send(&self, device: &str, topic: String, qos: QoS, retain: bool, payload: String);
+}
+
+impl Outbox for AsyncClient {
+    fn send(&self, device: &str, topic: String, qos: QoS, retain: bool, payload: String) {
+        if let Err(e) = self.try_publish(topic, qos, retain, payload) {
+            tracing::debug!(device, error = %e, "cannot queue an OTA message");
+        }
+    }
+}
+
+/// Hands a message on `d/<id>/ota/offer`, `d/<id>/ota/chunk/<N>` or
+/// `d/<id>/ota/error` to the device's [`OtaDevice`] and carries out its
+/// steps. False if the topic is not under `d/<id>/ota/`.
+fn on_ota(out: &impl Outbox, slot: &Slot, shared: &Shared, topic: &str, payload: &[u8]) -> bool {
+    let Some(rest) = topic
+        .strip_prefix("d/")
+        .and_then(|t| t.strip_prefix(slot.id.as_str()))
+        .and_then(|t| t.strip_prefix("/ota/"))
+    else {
+        return false;
+    };
+    let mut ota = lock(&slot.ota);
+    let steps = match rest {
+        "offer" => ota.device.on_offer(payload),
+        "error" => ota.device.on_error(payload),
+        _ => match rest.strip_prefix("chunk/").and_then(chunk_offset) {
+            Some(offset) => ota.device.on_chunk(offset, payload),
+            None => {
+                tracing::debug!(device = %slot.id, topic, "ignoring an unknown OTA topic");
+                return true;
+            }
+        },
+    };
+    ota_steps(out, slot, shared, &mut ota, steps);
+    true
+}
+
+/// The `<N>` of `d/<id>/ota/chunk/<N>`: decimal digits only.
+fn chunk_offset(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// Carries out an [`OtaDevice`]'s steps, in order: publishes requests and
+/// reports at QoS 1; after an install (the running firmware is the state
+/// machine's own, so it is already current) publishes the new meta,
+/// retained, once the report is queued. Then sets the retry deadline: a
+/// fresh one after a request, none once nothing is outstanding.
+fn ota_steps(
+    out: &impl Outbox,
+    slot: &Slot,
+    shared: &Shared,
+    ota: &mut OtaState,
+    steps: Vec<Step>,
+) {
+    let id = &slot.id;
+    let (mut requested, mut installed, mut refused) = (false, false, 0);
+    for step in &steps {
+        match step {
+            Step::Request { .. } => requested = true,
+            Step::Installed { .. } => installed = true,
+            Step::Report {
+                outcome: Outcome::Refused { .. },
+                ..
+            } => refused += 1,
+            Step::Report { .. } => {}
+        }
+        if let Some((suffix, payload)) = step.publish() {
+            out.send(
+                id,
+                format!("d/{id}/{suffix}"),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            );
+        }
+    }
+    if installed {
+        let meta = ota.meta(slot.kind).to_string();
+        out.send(id, format!("d/{id}/meta"), QoS::AtLeastOnce, true, meta);
+    }
+    let before = ota.retry_at;
+    if !ota.device.waiting() {
+        ota.retry_at = None;
+    } else if requested {
+        ota.retry_at = Some(tokio::time::Instant::now() + ota::RETRY_AFTER);
+    }
+    if ota.retry_at != before {
+        slot.ota_timer.notify_one();
+    }
+    if installed {
+        shared.bump(&shared.counters.updates_installed);
+    }
+    for _ in 0..refused {
+        shared.bump(&shared.counters.updates_refused);
+    }
+    // The download moved on (or did not): `Fleet::wait_until` looks again.
+    shared.changed.notify_waiters();
+}
+
+/// A device's OTA retry timer: when a chunk request has gone
+/// [`ota::RETRY_AFTER`] without an answer, tells the state machine
+/// (which asks again or gives up). Its own task, so that `serve` alone
+/// polls the event loop and never has a poll cancelled by a timer.
+async fn ota_timer(out: impl Outbox, slot: Arc<Slot>, shared: Arc<Shared>) {
+    loop {
+        let retry_at = lock(&slot.ota).retry_at;
+        match retry_at {
+            None => slot.ota_timer.notified().await,
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => {}
+                    // Changed meanwhile (answered, or asked again): re-read.
+                    () = slot.ota_timer.notified() => continue,
+                }
+            }
+        }
+        let mut ota = lock(&slot.ota);
+        // Checked under the lock the handlers hold while they move the
+        // deadline, so an answer that just arrived is never retried.
+        if ota
+            .retry_at
+            .is_none_or(|at| at > tokio::time::Instant::now())
+        {
+            continue;
+        }
+        if slot.connected_at.load(Ordering::Relaxed) == 0 {
+            // Offline: the next session asks again at once.
+            ota.retry_at = None;
+            continue;
+        }
+        let steps = ota.device.on_timeout();
+        ota_steps(&out, &slot, &shared, &mut ota, steps);
     }
 }
 
@@ -1333,6 +1628,253 @@ mod tests {
         assert_eq!(meta["support_end"], SUPPORT_END);
         assert_eq!("sensor".parse::<Kind>(), Ok(Kind::Sensor));
         assert!("lamp".parse::<Kind>().is_err());
+    }
+
+    #[test]
+    fn a_slots_meta_names_the_firmware_it_runs_now() {
+        let slot = Slot::new(
+            "d1".into(),
+            Kind::Switch,
+            &FleetConfig::default(),
+            SimRng::seeded(1),
+        );
+        assert_eq!(slot.meta(), Kind::Switch.meta(), "the factory firmware");
+        assert_eq!(
+            Kind::Switch.meta()["firmware_sha256"],
+            ota::sha256_hex(b"hubsim HS-SW10 firmware 1.8.0")
+        );
+        let sha = "ab".repeat(32);
+        let meta = Kind::Switch.meta_running("1.9.0", &sha);
+        assert_eq!(meta["firmware"], "1.9.0");
+        assert_eq!(meta["firmware_sha256"], sha.as_str());
+        assert_eq!(meta["model"], "HS-SW10");
+        assert_eq!(meta["vendor"], VENDOR);
+        assert_eq!(chunk_offset("16384"), Some(16384));
+        for bad in ["", "+1", "-1", "1e3", " 1", "99999999999999999999"] {
+            assert_eq!(chunk_offset(bad), None, "{bad:?}");
+        }
+    }
+
+    /// What the OTA handlers published, in order: (topic, payload).
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<(String, serde_json::Value)>>>);
+
+    impl Outbox for Recorder {
+        fn send(&self, _: &str, topic: String, qos: QoS, _: bool, payload: String) {
+            assert_eq!(qos, QoS::AtLeastOnce);
+            let payload = serde_json::from_str(&payload).unwrap();
+            lock(&self.0).push((topic, payload));
+        }
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<(String, serde_json::Value)> {
+            std::mem::take(&mut *lock(&self.0))
+        }
+    }
+
+    /// Waits (in virtual time) until `cond` holds for the counters.
+    async fn counted(shared: &Shared, cond: impl Fn(&Counters) -> bool) {
+        let wait = async {
+            loop {
+                let notified = shared.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if cond(&shared.counters) {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(600), wait)
+            .await
+            .expect("the counters did not change as expected");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_retry_timer_asks_again_every_ten_seconds_and_gives_up_after_three_tries() {
+        const OFFER: &str = "00112233445566778899aabbccddeeff";
+        let slot = Arc::new(Slot::new(
+            "d1".into(),
+            Kind::Switch,
+            &FleetConfig::default(),
+            SimRng::seeded(1),
+        ));
+        let shared = Arc::new(Shared::new(vec![slot.clone()]));
+        slot.connected_at.store(1, Ordering::Relaxed);
+        let out = Recorder::default();
+        let _timer = AbortOnDrop(Some(tokio::spawn(ota_timer(
+            out.clone(),
+            slot.clone(),
+            shared.clone(),
+        ))));
+        let image = ota::simulated_image("HS-SW10", "1.9.0");
+        let offer = ota::Offer::signed(
+            OFFER,
+            &VendorKey::hubsim(),
+            "HS-SW10",
+            "1.9.0",
+            &image,
+            16384,
+        );
+        let get = |offset: u64| {
+            (
+                "d/d1/update/get".to_owned(),
+                serde_json::json!({"offer": OFFER, "offset": offset}),
+            )
+        };
+
+        let start = tokio::time::Instant::now();
+        assert!(on_ota(
+            &out,
+            &slot,
+            &shared,
+            "d/d1/ota/offer",
+            offer.to_json().as_bytes()
+        ));
+        assert_eq!(out.take(), [get(0)]);
+        // An answer after 5 s: the next request has 10 s of its own.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(on_ota(
+            &out,
+            &slot,
+            &shared,
+            "d/d1/ota/chunk/0",
+            &image[..16384]
+        ));
+        assert_eq!(out.take(), [get(16384)]);
+        counted(&shared, |c| c.updates_refused.load(Ordering::Relaxed) == 1).await;
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(35) && waited < Duration::from_secs(36),
+            "{waited:?}"
+        );
+        let sent = out.take();
+        assert_eq!(sent[..2], [get(16384), get(16384)], "tries 2 and 3");
+        assert_eq!(sent.len(), 3);
+        assert_eq!(sent[2].0, "d/d1/update/result");
+        assert_eq!(sent[2].1["error"], "download");
+        assert_eq!(lock(&slot.ota).retry_at, None);
+        assert_eq!(lock(&slot.ota).device.version(), "1.8.0");
+    }
+
+    /// Offers `image` as HS-SW10 1.9.0 to device `id` (retained, as the hub
+    /// does), waits until the device is fetching it and sends every chunk,
+    /// unasked and in order.
+    async fn offer_and_send(
+        hub: &TestHub,
+        fleet: &Fleet,
+        id: &str,
+        offer: &str,
+        image: &[u8],
+    ) -> anyhow::Result<()> {
+        let offer = ota::Offer::signed(
+            offer,
+            &VendorKey::hubsim(),
+            "HS-SW10",
+            "1.9.0",
+            image,
+            16384,
+        );
+        let topic = format!("d/{id}/ota/offer");
+        hub.publish_qos(&topic, offer.to_json().as_bytes(), 1, true)
+            .await?;
+        fleet
+            .wait_until(&format!("{id} fetching"), crate::WAIT, |f| {
+                f.downloading(id).is_some()
+            })
+            .await?;
+        for (i, chunk) in image.chunks(16384).enumerate() {
+            let topic = format!("d/{id}/ota/chunk/{}", i * 16384);
+            hub.publish_qos(&topic, chunk, 1, false).await?;
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn fleet_devices_install_signed_updates_and_refuse_the_rest() -> anyhow::Result<()> {
+        // Until the hub answers `update/get` itself, its ACL refuses the
+        // devices' requests: allow them all (the test plays the hub and
+        // sends each chunk unasked, in order).
+        let hub = TestHub::start_with(|c| c.edge.max_acl_violations = 1000).await?;
+        let devices = enroll_devices(&hub, 2, &[Kind::Switch]).await?;
+        let (good, bad) = (devices[0].0.id.clone(), devices[1].0.id.clone());
+        let mut metas = hub.watch("d/+/meta").await?;
+        let cfg = FleetConfig {
+            rate: 0.0,
+            ..FleetConfig::default()
+        };
+        let fleet = Fleet::start(vec![devices[0].clone()], hub.mqtt_addr, cfg.clone());
+        let faulty = Fleet::start(
+            vec![devices[1].clone()],
+            hub.mqtt_addr,
+            FleetConfig {
+                ota_fault_corrupt: true,
+                ..cfg
+            },
+        );
+        let factory = fleet.firmware(&good).context("the device's firmware")?;
+        assert_eq!(factory.0, "1.8.0");
+        assert_eq!(fleet.firmware("nobody"), None);
+
+        let image = ota::simulated_image("HS-SW10", "1.9.0");
+        let sha = ota::sha256_hex(&image);
+        offer_and_send(&hub, &fleet, &good, "0000000000000001aa", &image).await?;
+        fleet
+            .wait_until("installed", crate::WAIT, |f| {
+                f.stats().updates_installed == 1
+            })
+            .await?;
+        assert_eq!(
+            fleet.firmware(&good),
+            Some(("1.9.0".to_owned(), sha.clone()))
+        );
+        assert_eq!(fleet.downloading(&good), None);
+        // The new meta follows the update.
+        loop {
+            let m = metas.next().await?;
+            let meta: serde_json::Value = serde_json::from_slice(&m.payload)?;
+            if m.topic == format!("d/{good}/meta") && meta["firmware"] == "1.9.0" {
+                assert_eq!(meta["firmware_sha256"], sha.as_str());
+                break;
+            }
+        }
+
+        // The same version again (a new offer): rollback, nothing fetched.
+        let again = ota::Offer::signed(
+            "0000000000000002bb",
+            &VendorKey::hubsim(),
+            "HS-SW10",
+            "1.9.0",
+            &image,
+            16384,
+        );
+        hub.publish_qos(
+            &format!("d/{good}/ota/offer"),
+            again.to_json().as_bytes(),
+            1,
+            true,
+        )
+        .await?;
+        fleet
+            .wait_until("rollback refused", crate::WAIT, |f| {
+                f.stats().updates_refused == 1
+            })
+            .await?;
+        assert_eq!(fleet.stats().updates_installed, 1);
+
+        // A device whose downloads are corrupted refuses the same image.
+        offer_and_send(&hub, &faulty, &bad, "0000000000000003cc", &image).await?;
+        faulty
+            .wait_until("tampered image refused", crate::WAIT, |f| {
+                f.stats().updates_refused == 1
+            })
+            .await?;
+        assert_eq!(faulty.stats().updates_installed, 0);
+        assert_eq!(faulty.firmware(&bad).map(|f| f.0), Some("1.8.0".to_owned()));
+        fleet.stop().await;
+        faulty.stop().await;
+        Ok(())
     }
 
     #[test]

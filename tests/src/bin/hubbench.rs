@@ -1187,6 +1187,8 @@ fn stats_delta(after: &FleetStats, before: &FleetStats) -> FleetStats {
         commands: after.commands - before.commands,
         gave_up: after.gave_up,
         forgot: after.forgot,
+        updates_installed: after.updates_installed - before.updates_installed,
+        updates_refused: after.updates_refused - before.updates_refused,
     }
 }
 

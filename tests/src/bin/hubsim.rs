@@ -25,6 +25,32 @@
 //! until every device is connected, takes the network away from all of them
 //! at once for `--down`, and reports how long the fleet took to be 100% back
 //! and how many connection attempts per second reached the hub meanwhile.
+//!
+//! The fleet's devices take signed firmware updates (hubd/OTA.md,
+//! [`hub_tests::ota`]). They trust the simulated maker's published test key
+//! unless `--vendor-pub FILE` names another (an SPKI PEM);
+//! `--ota-corrupt` makes them corrupt every download, so they refuse every
+//! update as `hash`. The simulated maker's tools:
+//!
+//! - `hubsim firmware keygen --out DIR` writes a new Ed25519 maker key:
+//!   DIR/vendor.key (PKCS#8 PEM, 0600, as `openssl genpkey -algorithm
+//!   ed25519` writes) and DIR/vendor.pub (SPKI PEM). It does not overwrite
+//!   an existing key.
+//! - `hubsim firmware image --model M --version V --out FILE` writes a
+//!   simulated image ([`hub_tests::ota::simulated_image`]: a text header
+//!   naming the maker, model and version, then deterministic pseudo-random
+//!   filler, 40,000 bytes in all, so it spans several 16 KiB chunks) and
+//!   prints its SHA-256.
+//! - `hubsim firmware sign (--key KEYFILE | --hubsim-key) --model M
+//!   --version V IMAGE --out SIGFILE` signs IMAGE as OTA.md says, writes the
+//!   signature to SIGFILE as one line of base64 (88 characters) and prints
+//!   the image's SHA-256. openssl's Ed25519 keys work as KEYFILE.
+//! - `hubsim firmware pubkey [--key KEYFILE]` prints the public key PEM of
+//!   the simulated maker (or of KEYFILE): what the owner trusts for the
+//!   simulated models.
+//!
+//! Errors name the file and what is wrong with it (missing, not a PEM, the
+//! wrong type of key).
 
 use std::io::{IsTerminal, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -35,6 +61,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use hub_proto::v1 as pb;
 use hub_tests::DeviceEvent;
+use hub_tests::ota::{self, VendorKey};
 use hub_tests::pair::{self, PairError};
 use hub_tests::sim::{self, Fleet, FleetConfig, FleetStats, Kind, Provisioning};
 
@@ -55,6 +82,65 @@ enum Command {
     Run(RunArgs),
     /// Run a fleet, drop every device's network at once, measure the return.
     Outage(OutageArgs),
+    /// The simulated maker's firmware tools: keys, images, signatures.
+    #[command(subcommand)]
+    Firmware(FirmwareCommand),
+}
+
+#[derive(Subcommand)]
+enum FirmwareCommand {
+    /// Write a new maker key: DIR/vendor.key (PKCS#8 PEM, 0600) and DIR/vendor.pub (SPKI PEM).
+    Keygen {
+        /// The directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a simulated firmware image for a model and version; print its SHA-256.
+    Image {
+        /// The model (HS-SW10 is the simulated switch, HS-TH20 the sensor).
+        #[arg(long)]
+        model: String,
+        /// The firmware version.
+        #[arg(long)]
+        version: String,
+        /// The image file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign an image; write the base64 signature and print the image's SHA-256.
+    Sign {
+        #[command(flatten)]
+        signer: Signer,
+        /// The model the image is for.
+        #[arg(long)]
+        model: String,
+        /// The image's firmware version.
+        #[arg(long)]
+        version: String,
+        /// The image to sign.
+        image: PathBuf,
+        /// Where to write the signature (one line of base64).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the simulated maker's public key PEM (or that of --key).
+    Pubkey {
+        /// A private key file (PKCS#8 PEM) instead of the simulated maker's.
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+}
+
+/// Which key signs: exactly one of the two.
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct Signer {
+    /// The maker's private key (PKCS#8 PEM, from keygen or openssl genpkey).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Sign with the simulated maker's published test key instead.
+    #[arg(long)]
+    hubsim_key: bool,
 }
 
 #[derive(Args)]
@@ -95,6 +181,15 @@ struct FleetArgs {
     /// instead of pairing windows: fast, but not the householder's path.
     #[arg(long)]
     enroll: bool,
+    /// The maker public key the devices trust for firmware updates (SPKI
+    /// PEM, e.g. vendor.pub from `hubsim firmware keygen`; default: the
+    /// simulated maker's test key, `hubsim firmware pubkey`).
+    #[arg(long)]
+    vendor_pub: Option<PathBuf>,
+    /// Fault: the devices corrupt every firmware download, so they refuse
+    /// every update as "hash".
+    #[arg(long)]
+    ota_corrupt: bool,
 }
 
 #[derive(Args)]
@@ -165,6 +260,7 @@ async fn main() -> ExitCode {
         Command::Connect(args) => run_connect(args).await,
         Command::Run(args) => run_fleet(args).await,
         Command::Outage(args) => run_outage(args).await,
+        Command::Firmware(command) => run_firmware(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -333,11 +429,18 @@ async fn start_fleet(args: &FleetArgs) -> Result<Running, String> {
         eprintln!();
     }
     let addr = mqtt_addr(args, &socket).await?;
+    let vendor_key = match &args.vendor_pub {
+        Some(path) => ota::public_from_pem(&read_text(path)?)
+            .map_err(|e| format!("{}: {e}", path.display()))?,
+        None => VendorKey::hubsim().public_key(),
+    };
     let cfg = FleetConfig {
         rate: args.rate,
         backoff_base: args.backoff_base,
         backoff_cap: args.backoff_cap,
         start_spread: args.start_spread,
+        vendor_key,
+        ota_fault_corrupt: args.ota_corrupt,
         ..FleetConfig::default()
     };
     eprintln!(
@@ -535,6 +638,8 @@ fn print_stats(s: &FleetStats, peak_connected: usize, elapsed: Duration, peak_at
     );
     row("devices that gave up", s.gave_up);
     row("devices reset (credentials forgotten)", s.forgot);
+    row("firmware updates installed", s.updates_installed);
+    row("firmware updates refused", s.updates_refused);
 }
 
 async fn run_outage(args: OutageArgs) -> Result<(), String> {
@@ -612,4 +717,204 @@ async fn run_outage(args: OutageArgs) -> Result<(), String> {
     row("attempts per second", format!("{histogram:?}"));
     row("devices that gave up", after.gave_up);
     back.map_err(|e| format!("{e:#}"))
+}
+
+fn run_firmware(command: FirmwareCommand) -> Result<(), String> {
+    match command {
+        FirmwareCommand::Keygen { out } => {
+            let (key, public) = firmware_keygen(&out)?;
+            println!("{}", key.display());
+            println!("{}", public.display());
+        }
+        FirmwareCommand::Image {
+            model,
+            version,
+            out,
+        } => println!("{}", firmware_image(&model, &version, &out)?),
+        FirmwareCommand::Sign {
+            signer: Signer { key, .. },
+            model,
+            version,
+            image,
+            out,
+        } => println!(
+            "{}",
+            firmware_sign(key.as_deref(), &model, &version, &image, &out)?
+        ),
+        FirmwareCommand::Pubkey { key } => {
+            let key = match key {
+                Some(path) => read_private_key(&path)?,
+                None => VendorKey::hubsim(),
+            };
+            print!("{}", key.public_pem());
+        }
+    }
+    Ok(())
+}
+
+/// Reads a text file, naming it in the error.
+fn read_text(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
+}
+
+/// Reads a maker's private key (PKCS#8 PEM), naming the file in the error.
+fn read_private_key(path: &Path) -> Result<VendorKey, String> {
+    VendorKey::from_seed_pem(&read_text(path)?).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn check_model_version(model: &str, version: &str) -> Result<(), String> {
+    if !ota::valid_model(model) {
+        return Err(format!(
+            "--model {model:?}: expected 1-64 printable ASCII characters without /"
+        ));
+    }
+    if !ota::valid_version(version) {
+        return Err(format!(
+            "--version {version:?}: expected 1-32 of A-Z a-z 0-9 . - + _"
+        ));
+    }
+    Ok(())
+}
+
+/// Writes `contents` to a new file `path` with `mode`; never replaces one.
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                format!("{}: already exists; not overwriting a key", path.display())
+            }
+            _ => format!("{}: cannot create: {e}", path.display()),
+        })?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| format!("{}: cannot write: {e}", path.display()))
+}
+
+/// `hubsim firmware keygen`: the paths of the private and public key.
+fn firmware_keygen(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: cannot create: {e}", dir.display()))?;
+    let (private, public) = (dir.join("vendor.key"), dir.join("vendor.pub"));
+    for path in [&private, &public] {
+        if path.exists() {
+            return Err(format!(
+                "{}: already exists; not overwriting a key",
+                path.display()
+            ));
+        }
+    }
+    let key = VendorKey::generate().map_err(|e| format!("cannot make a key: {e}"))?;
+    write_new(&private, key.seed_pem().as_bytes(), 0o600)?;
+    write_new(&public, key.public_pem().as_bytes(), 0o644)?;
+    Ok((private, public))
+}
+
+/// `hubsim firmware image`: the image's SHA-256.
+fn firmware_image(model: &str, version: &str, out: &Path) -> Result<String, String> {
+    check_model_version(model, version)?;
+    let image = ota::simulated_image(model, version);
+    std::fs::write(out, &image).map_err(|e| format!("{}: cannot write: {e}", out.display()))?;
+    Ok(ota::sha256_hex(&image))
+}
+
+/// `hubsim firmware sign`: the image's SHA-256. `key` is the private key
+/// file; `None` signs with the simulated maker's key.
+fn firmware_sign(
+    key: Option<&Path>,
+    model: &str,
+    version: &str,
+    image: &Path,
+    out: &Path,
+) -> Result<String, String> {
+    check_model_version(model, version)?;
+    let key = match key {
+        Some(path) => read_private_key(path)?,
+        None => VendorKey::hubsim(),
+    };
+    let bytes =
+        std::fs::read(image).map_err(|e| format!("{}: cannot read: {e}", image.display()))?;
+    if bytes.is_empty() || bytes.len() as u64 > ota::MAX_IMAGE_SIZE {
+        return Err(format!(
+            "{}: {} bytes; an offered image is 1 to {} bytes",
+            image.display(),
+            bytes.len(),
+            ota::MAX_IMAGE_SIZE
+        ));
+    }
+    let signature = ota::base64_encode(&key.sign(model, version, &bytes));
+    std::fs::write(out, format!("{signature}\n"))
+        .map_err(|e| format!("{}: cannot write: {e}", out.display()))?;
+    Ok(ota::sha256_hex(&bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn keygen_image_and_sign_make_what_a_device_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        let (private, public) = firmware_keygen(&keys).unwrap();
+        let mode = std::fs::metadata(&private).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let err = firmware_keygen(&keys).unwrap_err();
+        assert!(err.contains("vendor.key: already exists"), "{err}");
+
+        let image = dir.path().join("fw.bin");
+        let sha = firmware_image("HS-SW10", "1.9.0", &image).unwrap();
+        let bytes = std::fs::read(&image).unwrap();
+        assert_eq!(sha, ota::sha256_hex(&bytes));
+        let sig = dir.path().join("fw.sig");
+        let signed = firmware_sign(Some(&private), "HS-SW10", "1.9.0", &image, &sig).unwrap();
+        assert_eq!(signed, sha);
+        let text = std::fs::read_to_string(&sig).unwrap();
+        assert_eq!(text.len(), 89, "88 characters and a newline: {text:?}");
+        let signature = ota::base64_decode(text.trim_end()).unwrap();
+        let trusted = ota::public_from_pem(&std::fs::read_to_string(&public).unwrap()).unwrap();
+        assert!(ota::verify(&trusted, "HS-SW10", "1.9.0", &sha, &signature));
+
+        firmware_sign(None, "HS-SW10", "1.9.0", &image, &sig).unwrap();
+        let signature =
+            ota::base64_decode(std::fs::read_to_string(&sig).unwrap().trim_end()).unwrap();
+        let hubsim = VendorKey::hubsim().public_key();
+        assert!(ota::verify(&hubsim, "HS-SW10", "1.9.0", &sha, &signature));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("fw.bin");
+        firmware_image("HS-SW10", "1.9.0", &image).unwrap();
+        let sig = dir.path().join("fw.sig");
+        let sign = |key: &Path| firmware_sign(Some(key), "HS-SW10", "1.9.0", &image, &sig);
+
+        let missing = dir.path().join("missing.key");
+        let err = sign(&missing).unwrap_err();
+        assert!(
+            err.starts_with(&format!("{}: cannot read", missing.display())),
+            "{err}"
+        );
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let err = sign(&not_pem).unwrap_err();
+        assert!(err.contains("not.pem: not a PEM"), "{err}");
+        let public = dir.path().join("vendor.pub");
+        std::fs::write(&public, VendorKey::hubsim().public_pem()).unwrap();
+        let err = sign(&public).unwrap_err();
+        assert!(err.contains("vendor.pub: wrong key type"), "{err}");
+        let missing_image = dir.path().join("nope.bin");
+        let err = firmware_sign(None, "HS-SW10", "1.9.0", &missing_image, &sig).unwrap_err();
+        assert!(err.contains("nope.bin: cannot read"), "{err}");
+        let err = firmware_image("HS/SW10", "1.9.0", &image).unwrap_err();
+        assert!(err.contains("--model"), "{err}");
+        let err = firmware_image("HS-SW10", "1.9 beta", &image).unwrap_err();
+        assert!(err.contains("--version"), "{err}");
+    }
 }
