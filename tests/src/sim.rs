@@ -266,8 +266,14 @@ impl Kind {
     /// description, `"hubsim <model> firmware <version>"`, so its hash is
     /// stable across runs, as a real device's would be.
     pub fn factory_image(self) -> Vec<u8> {
-        let (model, firmware) = self.product();
-        format!("{VENDOR} {model} firmware {firmware}").into_bytes()
+        self.image(self.factory_firmware())
+    }
+
+    /// The simulated image a device of this kind runs when it runs
+    /// `version` without having been updated by the hub (a device updated
+    /// over the air runs the image it fetched).
+    pub fn image(self, version: &str) -> Vec<u8> {
+        format!("{VENDOR} {} firmware {version}", self.model()).into_bytes()
     }
 
     /// The retained `d/<id>/meta` document of a device fresh from the
@@ -346,6 +352,9 @@ pub struct FleetConfig {
     /// verifying it (tampering in transit or storage), so every update is
     /// refused as `hash`.
     pub ota_fault_corrupt: bool,
+    /// The firmware version every device runs at start (its image is
+    /// [`Kind::image`] of that version); `None`: its kind's factory version.
+    pub firmware: Option<String>,
 }
 
 impl Default for FleetConfig {
@@ -361,6 +370,7 @@ impl Default for FleetConfig {
             seed: None,
             vendor_key: VendorKey::hubsim().public_key(),
             ota_fault_corrupt: false,
+            firmware: None,
         }
     }
 }
@@ -465,10 +475,14 @@ struct Slot {
 
 impl Slot {
     fn new(id: String, kind: Kind, cfg: &FleetConfig, rng: SimRng) -> Slot {
+        let version = cfg
+            .firmware
+            .as_deref()
+            .unwrap_or_else(|| kind.factory_firmware());
         let mut device = OtaDevice::new(
             kind.model(),
-            kind.factory_firmware(),
-            &ota::sha256_hex(&kind.factory_image()),
+            version,
+            &ota::sha256_hex(&kind.image(version)),
             cfg.vendor_key,
         );
         device.corrupt_download = cfg.ota_fault_corrupt;
@@ -1756,125 +1770,6 @@ mod tests {
         assert_eq!(sent[2].1["error"], "download");
         assert_eq!(lock(&slot.ota).retry_at, None);
         assert_eq!(lock(&slot.ota).device.version(), "1.8.0");
-    }
-
-    /// Offers `image` as HS-SW10 1.9.0 to device `id` (retained, as the hub
-    /// does), waits until the device is fetching it and sends every chunk,
-    /// unasked and in order.
-    async fn offer_and_send(
-        hub: &TestHub,
-        fleet: &Fleet,
-        id: &str,
-        offer: &str,
-        image: &[u8],
-    ) -> anyhow::Result<()> {
-        let offer = ota::Offer::signed(
-            offer,
-            &VendorKey::hubsim(),
-            "HS-SW10",
-            "1.9.0",
-            image,
-            16384,
-        );
-        let topic = format!("d/{id}/ota/offer");
-        hub.publish_qos(&topic, offer.to_json().as_bytes(), 1, true)
-            .await?;
-        fleet
-            .wait_until(&format!("{id} fetching"), crate::WAIT, |f| {
-                f.downloading(id).is_some()
-            })
-            .await?;
-        for (i, chunk) in image.chunks(16384).enumerate() {
-            let topic = format!("d/{id}/ota/chunk/{}", i * 16384);
-            hub.publish_qos(&topic, chunk, 1, false).await?;
-        }
-        Ok(())
-    }
-
-    #[tokio::test]
-    async fn fleet_devices_install_signed_updates_and_refuse_the_rest() -> anyhow::Result<()> {
-        // Until the hub answers `update/get` itself, its ACL refuses the
-        // devices' requests: allow them all (the test plays the hub and
-        // sends each chunk unasked, in order).
-        let hub = TestHub::start_with(|c| c.edge.max_acl_violations = 1000).await?;
-        let devices = enroll_devices(&hub, 2, &[Kind::Switch]).await?;
-        let (good, bad) = (devices[0].0.id.clone(), devices[1].0.id.clone());
-        let mut metas = hub.watch("d/+/meta").await?;
-        let cfg = FleetConfig {
-            rate: 0.0,
-            ..FleetConfig::default()
-        };
-        let fleet = Fleet::start(vec![devices[0].clone()], hub.mqtt_addr, cfg.clone());
-        let faulty = Fleet::start(
-            vec![devices[1].clone()],
-            hub.mqtt_addr,
-            FleetConfig {
-                ota_fault_corrupt: true,
-                ..cfg
-            },
-        );
-        let factory = fleet.firmware(&good).context("the device's firmware")?;
-        assert_eq!(factory.0, "1.8.0");
-        assert_eq!(fleet.firmware("nobody"), None);
-
-        let image = ota::simulated_image("HS-SW10", "1.9.0");
-        let sha = ota::sha256_hex(&image);
-        offer_and_send(&hub, &fleet, &good, "0000000000000001aa", &image).await?;
-        fleet
-            .wait_until("installed", crate::WAIT, |f| {
-                f.stats().updates_installed == 1
-            })
-            .await?;
-        assert_eq!(
-            fleet.firmware(&good),
-            Some(("1.9.0".to_owned(), sha.clone()))
-        );
-        assert_eq!(fleet.downloading(&good), None);
-        // The new meta follows the update.
-        loop {
-            let m = metas.next().await?;
-            let meta: serde_json::Value = serde_json::from_slice(&m.payload)?;
-            if m.topic == format!("d/{good}/meta") && meta["firmware"] == "1.9.0" {
-                assert_eq!(meta["firmware_sha256"], sha.as_str());
-                break;
-            }
-        }
-
-        // The same version again (a new offer): rollback, nothing fetched.
-        let again = ota::Offer::signed(
-            "0000000000000002bb",
-            &VendorKey::hubsim(),
-            "HS-SW10",
-            "1.9.0",
-            &image,
-            16384,
-        );
-        hub.publish_qos(
-            &format!("d/{good}/ota/offer"),
-            again.to_json().as_bytes(),
-            1,
-            true,
-        )
-        .await?;
-        fleet
-            .wait_until("rollback refused", crate::WAIT, |f| {
-                f.stats().updates_refused == 1
-            })
-            .await?;
-        assert_eq!(fleet.stats().updates_installed, 1);
-
-        // A device whose downloads are corrupted refuses the same image.
-        offer_and_send(&hub, &faulty, &bad, "0000000000000003cc", &image).await?;
-        faulty
-            .wait_until("tampered image refused", crate::WAIT, |f| {
-                f.stats().updates_refused == 1
-            })
-            .await?;
-        assert_eq!(faulty.stats().updates_installed, 0);
-        assert_eq!(faulty.firmware(&bad).map(|f| f.0), Some("1.8.0".to_owned()));
-        fleet.stop().await;
-        faulty.stop().await;
-        Ok(())
     }
 
     #[test]

@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use hub_tests::ota;
+use hub_tests::sim::{self, Fleet, FleetConfig, Kind};
 use hub_tests::{SimDevice, TestHub, WAIT, hubctl};
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
@@ -479,4 +481,234 @@ async fn the_owner_sets_and_clears_the_support_end_and_a_release_is_not_overrule
         changed["actor"].as_str().unwrap().starts_with("uid "),
         "{changed}"
     );
+}
+
+/// Adds an image signed by a simulated-maker key (`hub_tests::ota`).
+async fn add_signed(hub: &TestHub, key: &ota::VendorKey, model: &str, version: &str, image: &[u8]) {
+    let dir = hub.dir.path();
+    let img = write(dir, &format!("{model}-{version}.img"), image);
+    let sig = ota::base64_encode(&key.sign(model, version, image));
+    let sig = write(dir, &format!("{model}-{version}.sig"), sig.as_bytes());
+    let pubkey = write(
+        dir,
+        &format!("{version}-signer.pub"),
+        key.public_pem().as_bytes(),
+    );
+    ok(
+        hub,
+        &[
+            "firmware",
+            "add",
+            img.to_str().unwrap(),
+            "--model",
+            model,
+            "--version",
+            version,
+            "--signature",
+            sig.to_str().unwrap(),
+            "--vendor-key",
+            pubkey.to_str().unwrap(),
+        ],
+    )
+    .await;
+}
+
+async fn trust_pem(hub: &TestHub, key: &ota::VendorKey, model: &str, name: &str) {
+    let path = write(hub.dir.path(), name, key.public_pem().as_bytes());
+    ok(
+        hub,
+        &[
+            "firmware",
+            "trust-key",
+            "--model",
+            model,
+            path.to_str().unwrap(),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_simulated_device_updates_over_its_own_connection_and_refuses_bad_firmware() {
+    let hub = TestHub::start().await.unwrap();
+    let maker = ota::VendorKey::hubsim();
+    let model = Kind::Switch.model();
+    trust_pem(&hub, &maker, model, "maker.pub").await;
+    // The owner adds what the devices run now and the update.
+    add_signed(&hub, &maker, model, "1.0", &Kind::Switch.image("1.0")).await;
+    let v11 = ota::simulated_image(model, "1.1");
+    add_signed(&hub, &maker, model, "1.1", &v11).await;
+
+    let devices = sim::enroll_devices(&hub, 2, &[Kind::Switch]).await.unwrap();
+    let (good, faulty) = (devices[0].0.id.clone(), devices[1].0.id.clone());
+    let cfg = FleetConfig {
+        rate: 0.0,
+        firmware: Some("1.0".to_owned()),
+        ..FleetConfig::default()
+    };
+    let fleet = Fleet::start(vec![devices[0].clone()], hub.mqtt_addr, cfg.clone());
+    // This one's downloads are corrupted on the way (tampering).
+    let tampered = Fleet::start(
+        vec![devices[1].clone()],
+        hub.mqtt_addr,
+        FleetConfig {
+            ota_fault_corrupt: true,
+            ..cfg
+        },
+    );
+    for id in [&good, &faulty] {
+        let d = device_until(&hub, id, "1.0 reported", |d| {
+            d["lifecycle"]["firmware"] == "1.0"
+        })
+        .await;
+        assert_eq!(
+            d["lifecycle"]["integrity"],
+            serde_json::Value::Null,
+            "1.0 is recognised"
+        );
+    }
+
+    // 1.0 -> 1.1: the newest in the catalogue.
+    let out = ok(&hub, &["firmware", "push", &good]).await;
+    assert!(
+        out.contains("offered HS-SW10 1.1") && out.contains("runs 1.0"),
+        "{out}"
+    );
+    fleet
+        .wait_until("installed", WAIT, |f| f.stats().updates_installed == 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        fleet.firmware(&good),
+        Some(("1.1".to_owned(), sha256(&v11)))
+    );
+    let d = device_until(&hub, &good, "1.1 reported", |d| {
+        d["lifecycle"]["firmware"] == "1.1" && d["lifecycle"]["update_state"] == "installed"
+    })
+    .await;
+    assert_eq!(d["lifecycle"]["firmware_sha256"], sha256(&v11));
+    assert_eq!(
+        d["state"], "active",
+        "an offered update is no integrity failure"
+    );
+    assert_eq!(d["lifecycle"]["integrity"], serde_json::Value::Null);
+    let installed = event_until(&hub, &good, "firmware.installed").await;
+    assert_eq!(installed["evidence"]["reported_version"], "1.1");
+    let kinds: Vec<String> = events(&hub, &good)
+        .await
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(kinds.contains(&"firmware.offered".to_owned()), "{kinds:?}");
+    assert!(!kinds.contains(&"device.isolated".to_owned()), "{kinds:?}");
+
+    // The hub will not offer what is not newer...
+    let (code, _, err) = hubctl(&hub, &["firmware", "push", &good]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("1.1 is not newer"), "{err}");
+    // ... and when told to anyway, the device's anti-rollback refuses it.
+    ok(
+        &hub,
+        &["firmware", "push", &good, "--version", "1.0", "--force"],
+    )
+    .await;
+    let d = device_until(&hub, &good, "rollback refused", |d| {
+        d["lifecycle"]["update_state"] == "failed"
+    })
+    .await;
+    assert!(
+        d["lifecycle"]["update_error"]
+            .as_str()
+            .unwrap()
+            .starts_with("rollback"),
+        "{d:#}"
+    );
+    let refused = event_until(&hub, &good, "firmware.refused").await;
+    assert_eq!(refused["evidence"]["error"], "rollback");
+    assert_eq!(fleet.firmware(&good).unwrap().0, "1.1");
+
+    // A tampered download: the device's hash check refuses it.
+    ok(&hub, &["firmware", "push", &faulty]).await;
+    let d = device_until(&hub, &faulty, "tampered refused", |d| {
+        d["lifecycle"]["update_state"] == "failed"
+    })
+    .await;
+    assert!(
+        d["lifecycle"]["update_error"]
+            .as_str()
+            .unwrap()
+            .starts_with("hash"),
+        "{d:#}"
+    );
+    assert_eq!(tampered.firmware(&faulty).unwrap().0, "1.0");
+    assert_eq!(
+        event_until(&hub, &faulty, "firmware.refused").await["evidence"]["error"],
+        "hash"
+    );
+
+    // A key the owner trusts but the maker never built in: the hub takes
+    // the image, the device refuses its signature.
+    let stranger = ota::VendorKey::generate().unwrap();
+    trust_pem(&hub, &stranger, model, "stranger.pub").await;
+    add_signed(
+        &hub,
+        &stranger,
+        model,
+        "1.2",
+        &ota::simulated_image(model, "1.2"),
+    )
+    .await;
+    ok(&hub, &["firmware", "push", &good]).await;
+    let d = device_until(&hub, &good, "wrong key refused", |d| {
+        d["lifecycle"]["update_version"] == "1.2" && d["lifecycle"]["update_state"] == "failed"
+    })
+    .await;
+    assert!(
+        d["lifecycle"]["update_error"]
+            .as_str()
+            .unwrap()
+            .starts_with("signature"),
+        "{d:#}"
+    );
+    assert_eq!(fleet.firmware(&good).unwrap().0, "1.1");
+    assert_eq!(fleet.stats().updates_refused, 2);
+    for id in [&good, &faulty] {
+        assert_eq!(device(&hub, id).await["state"], "active");
+    }
+    let v = ok(&hub, &["events", "verify"]).await;
+    assert!(v.contains("security log intact"), "{v}");
+    fleet.stop().await;
+    tampered.stop().await;
+}
+
+#[tokio::test]
+async fn an_isolated_device_is_offered_nothing_and_bad_pushes_name_what_is_wrong() {
+    let hub = TestHub::start().await.unwrap();
+    let id = hub.enroll("Plug").await.unwrap();
+    // No model reported yet.
+    let (code, _, err) = hubctl(&hub, &["firmware", "push", &id.id]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("has not reported its model"), "{err}");
+    let dev = SimDevice::connect(&id, hub.mqtt_addr).await.unwrap();
+    dev.publish(
+        &format!("d/{}/meta", id.id),
+        &meta("PLUG-1", "1.0", &sha256(b"plug"), "2031-12-31"),
+        true,
+    )
+    .await
+    .unwrap();
+    device_until(&hub, &id.id, "model", |d| {
+        d["lifecycle"]["model"] == "PLUG-1"
+    })
+    .await;
+    let (code, _, err) = hubctl(&hub, &["firmware", "push", &id.id]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no firmware for model PLUG-1"), "{err}");
+    let (code, _, err) = hubctl(&hub, &["firmware", "push", &id.id, "--version", "9 9"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("version \"9 9\""), "{err}");
+    ok(&hub, &["isolate", &id.id, "--reason", "testing"]).await;
+    let (code, _, err) = hubctl(&hub, &["firmware", "push", &id.id]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is isolated"), "{err}");
 }
