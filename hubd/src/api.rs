@@ -42,6 +42,7 @@ use crate::seclog::SecLog;
 use crate::store::{self, DeviceRecord, DeviceState, RetainedKind};
 use crate::wipe;
 
+mod audit;
 mod lifecycle;
 
 /// The largest CSR accepted, PEM: a P-256 CSR is well under 1 KiB.
@@ -232,6 +233,10 @@ pub struct ApiState {
     /// `[lifecycle] max_image_size`: the admin socket takes messages this
     /// large (and 1 MiB more).
     pub max_image_size: usize,
+    /// The state directory, for the audit's file checks.
+    pub state_dir: PathBuf,
+    /// `[edge] allow_tls12`, for the audit.
+    pub allow_tls12: bool,
 }
 
 impl Service {
@@ -896,6 +901,13 @@ impl Admin for Service {
         _: Request<pb::VerifyEventsRequest>,
     ) -> Result<Response<pb::VerifyEventsResponse>, Status> {
         self.verify_events_rpc().await.map(Response::new)
+    }
+
+    async fn audit(
+        &self,
+        _: Request<pb::AuditRequest>,
+    ) -> Result<Response<pb::AuditResponse>, Status> {
+        Ok(Response::new(self.audit_rpc().await?))
     }
 
     async fn wipe(

@@ -329,6 +329,8 @@ async fn run_once(
             seclog: seclog.clone(),
             seclog_days: config.seclog.retention_days,
             max_image_size: config.lifecycle.max_image_size,
+            state_dir: state_dir.clone(),
+            allow_tls12: config.edge.allow_tls12,
         };
         let group = config.admin.group.clone();
         let stop = api_stop.clone();
