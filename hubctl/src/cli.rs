@@ -123,6 +123,14 @@ pub(crate) enum Command {
     /// Show the security log (pairing, refused connections, isolation,
     /// firmware, admin changes, anomalies), or verify its hash chain.
     Events(EventsArgs),
+    /// Audit the running hub and its files against the UK Code of Practice
+    /// for consumer IoT security and ETSI EN 303 645: one line per check,
+    /// with a fix for each problem; exits 1 if any check fails.
+    Audit {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `events`: list (and follow) security events, or `events verify`.

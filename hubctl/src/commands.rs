@@ -107,6 +107,7 @@ pub(crate) async fn execute(
         Command::Wipe(args) => crate::wipe::execute(args, &inv.socket, out, err).await,
         Command::Firmware { command } => crate::lifecycle::execute(command, &inv.socket, out).await,
         Command::Events(args) => crate::events::execute(args, &inv.socket, out).await,
+        Command::Audit { json } => crate::audit::audit(json, &inv.socket, out).await,
         Command::About { json } => {
             let view = AboutView::new(time::OffsetDateTime::now_utc().date());
             if json {

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod about;
+mod audit;
 mod cli;
 mod commands;
 mod docs;
