@@ -1034,6 +1034,7 @@ mod tests {
             isolation_reason: String::new(),
             grants: None,
             kind: String::new(),
+            ..Default::default()
         }
     }
 
@@ -1348,6 +1349,7 @@ mod tests {
             clock_warning: String::new(),
             automation: None,
             hub_name: "home".into(),
+            ..Default::default()
         };
         let view = StatusView::from(&s);
         let json = serde_json::to_value(&view).expect("serializes");

@@ -54,6 +54,7 @@ fn device(id: &str, name: &str, connected: bool, last_seen: i64) -> v1::Device {
         isolation_reason: String::new(),
         grants: None,
         kind: String::new(),
+        ..Default::default()
     }
 }
 
@@ -251,6 +252,7 @@ impl Admin for FakeHub {
                 events_dropped: 0,
                 problem: String::new(),
             }),
+            ..Default::default()
         }))
     }
 
@@ -550,6 +552,57 @@ impl Admin for FakeHub {
         &self,
         _: Request<v1::WipeRequest>,
     ) -> Result<Response<v1::WipeResponse>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    async fn set_support(
+        &self,
+        _: Request<v1::SetSupportRequest>,
+    ) -> Result<Response<v1::Device>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    async fn trust_vendor_key(
+        &self,
+        _: Request<v1::TrustVendorKeyRequest>,
+    ) -> Result<Response<v1::TrustVendorKeyResponse>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    async fn add_firmware(
+        &self,
+        _: Request<v1::AddFirmwareRequest>,
+    ) -> Result<Response<v1::Firmware>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    async fn list_firmware(
+        &self,
+        _: Request<v1::ListFirmwareRequest>,
+    ) -> Result<Response<v1::ListFirmwareResponse>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    async fn push_firmware(
+        &self,
+        _: Request<v1::PushFirmwareRequest>,
+    ) -> Result<Response<v1::PushFirmwareResponse>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    type ListEventsStream = Pin<Box<dyn Stream<Item = Result<v1::SecurityEvent, Status>> + Send>>;
+
+    async fn list_events(
+        &self,
+        _: Request<v1::ListEventsRequest>,
+    ) -> Result<Response<Self::ListEventsStream>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    async fn verify_events(
+        &self,
+        _: Request<v1::VerifyEventsRequest>,
+    ) -> Result<Response<v1::VerifyEventsResponse>, Status> {
         Err(Status::unimplemented("not in the fake hub"))
     }
 }

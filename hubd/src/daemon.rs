@@ -34,6 +34,7 @@ use crate::registry::{self, RegistryHandle};
 use crate::seclog::SecLog;
 use crate::store::{self, Store};
 use crate::systemd;
+use crate::telemetry::Telemetry;
 use crate::wipe;
 
 /// How long shutdown may take before the daemon gives up waiting.
@@ -81,7 +82,7 @@ pub enum Error {
     #[error("automation: {0}")]
     Automation(#[from] automation::Error),
     #[error("lifecycle: {0}")]
-    Lifecycle(#[from] lifecycle::Error),
+    Lifecycle(#[from] Box<lifecycle::Error>),
     /// The bound sockets could not be handed to a new start of the hub.
     #[error("cannot take over the listening sockets: {0}")]
     Sockets(std::io::Error),
@@ -265,6 +266,7 @@ async fn run_once(
         keep_history: config.privacy.history_days > 0,
         reports: Some(reports_tx),
         seclog: seclog.clone(),
+        telemetry: Arc::new(Telemetry::new(config.telemetry.clone())),
     };
     let edge = edge::start(setup, &edge_tasks, edge_stop.clone()).await?;
 
@@ -303,7 +305,8 @@ async fn run_once(
         &lifecycle_tasks,
         lifecycle_stop.clone(),
     )
-    .await?;
+    .await
+    .map_err(Box::new)?;
 
     let api_stop = CancellationToken::new();
     let api_tasks = TaskTracker::new();
@@ -358,6 +361,11 @@ async fn run_once(
     aux_tasks.spawn(prune_history(
         registry.clone(),
         config.privacy.history_days,
+        aux_stop.clone(),
+    ));
+    aux_tasks.spawn(publish_alerts(
+        seclog.clone(),
+        edge.clone(),
         aux_stop.clone(),
     ));
     aux_tasks.spawn(prune_seclog(
@@ -652,6 +660,44 @@ fn isolator(edge: EdgeHandle) -> lifecycle::Isolator {
                 .map_err(|e| e.to_string())
         })
     })
+}
+
+/// Publishes every alert of the security log on `$hub/alerts` (QoS 1, not
+/// retained), for integrations granted it: anomalies, integrity failures,
+/// support ends, throttled addresses.
+async fn publish_alerts(seclog: SecLog, edge: EdgeHandle, stop: CancellationToken) {
+    let mut entries = seclog.subscribe();
+    loop {
+        let entry = tokio::select! {
+            _ = stop.cancelled() => return,
+            e = entries.recv() => match e {
+                Ok(e) => e,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(skipped = n, "alerts publisher fell behind the security log");
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+        };
+        if entry.severity != crate::seclog::Severity::Alert.as_str() {
+            continue;
+        }
+        let payload = serde_json::json!({
+            "seq": entry.seq,
+            "at_ms": entry.at_ms,
+            "kind": entry.kind,
+            "device": entry.device,
+            "message": entry.message,
+            "evidence": entry.evidence,
+        })
+        .to_string();
+        if let Err(e) = edge
+            .publish("$hub/alerts", payload.into(), Qos::AtLeastOnce, false)
+            .await
+        {
+            warn!(error = %e, "cannot publish an alert on $hub/alerts");
+        }
+    }
 }
 
 /// Deletes security events past `[seclog] retention_days` or beyond

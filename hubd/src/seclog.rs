@@ -228,10 +228,7 @@ pub struct Verified {
 
 /// Walks stored entries (key, decoded or the error) from the anchor and
 /// reports the first broken link.
-pub fn verify(
-    anchor: &SeclogAnchor,
-    stored: Vec<(String, Result<SeclogEntry, store::Error>)>,
-) -> Verified {
+pub fn verify(anchor: &SeclogAnchor, stored: store::RawEntries) -> Verified {
     let mut expected_seq = anchor.first_seq;
     let mut prev = anchor.prev.clone();
     let mut entries = 0u64;
