@@ -653,6 +653,15 @@ async fn hubctl(socket: &Path, args: &[&str]) -> Run {
     .expect("hubctl thread")
 }
 
+/// A device's lifecycle in JSON when the hub knows nothing of it.
+fn unknown_lifecycle() -> serde_json::Value {
+    serde_json::json!({
+        "model": null, "vendor": null, "firmware": null, "firmware_sha256": null,
+        "support_end": null, "support_source": null, "support_status": "unknown",
+        "integrity": null, "update_version": null, "update_state": null, "update_error": null,
+    })
+}
+
 /// Asserts success and returns stdout.
 async fn ok(socket: &Path, args: &[&str]) -> String {
     let r = hubctl(socket, args).await;
@@ -684,7 +693,9 @@ async fn status_human_and_json() {
              connections refused:     0\n\
              sessions refused:        2\n\
              protocol errors:         0\n\
-             rules:                   3 (2 enabled), 7 runs, 1 refused by loop protection\n"
+             rules:                   3 (2 enabled), 7 runs, 1 refused by loop protection\n\
+             device support:          0 ended, 0 ending within 0 days, 0 unknown\n\
+             security events:         0 entries\n"
         )
     );
 
@@ -723,6 +734,13 @@ async fn status_human_and_json() {
                 "events_dropped": 0,
                 "problem": null,
             },
+            "lifecycle": {
+                "support_ended": 0, "support_ending": 0, "support_unknown": 0,
+                "ended_not_isolated": 0, "integrity_problems": 0,
+                "updates_in_progress": 0, "updates_failed": 0,
+                "isolate_after_support_end": false, "support_warning_days": 0,
+            },
+            "seclog": { "entries": 0, "dropped": 0, "recent_alerts": 0, "last_alert": null },
         })
     );
 }
@@ -732,10 +750,10 @@ async fn devices_list_human_and_json() {
     let hub = start(FakeHub::default());
     assert_eq!(
         ok(&hub.socket, &["devices", "list"]).await,
-        "ID      NAME              ROLE         KIND  STATE     CONNECTED  CERT EXPIRES      LAST SEEN         REASON\n\
-         h0m3as  Home Assistant    integration  -     active    yes        2026-11-22 14:03  2025-11-23 09:41  -\n\
-         7h3k2m  Küche Thermostat  device       -     active    yes        2026-11-22 14:03  2025-11-23 09:41  -\n\
-         a1b2c3  台所のセンサー    device       -     isolated  no         2026-11-22 14:03  -                 no firmware updates since 2021\n"
+        "ID      NAME              ROLE         KIND  STATE     CONNECTED  FIRMWARE  SUPPORT  CERT EXPIRES      LAST SEEN         REASON\n\
+         h0m3as  Home Assistant    integration  -     active    yes        -         -        2026-11-22 14:03  2025-11-23 09:41  -\n\
+         7h3k2m  Küche Thermostat  device       -     active    yes        -         unknown  2026-11-22 14:03  2025-11-23 09:41  -\n\
+         a1b2c3  台所のセンサー    device       -     isolated  no         -         unknown  2026-11-22 14:03  -                 no firmware updates since 2021\n"
     );
 
     let json: serde_json::Value =
@@ -759,6 +777,7 @@ async fn devices_list_human_and_json() {
                 "isolation_reason": null,
                 "kind": null,
                 "grants": { "publish": ["d/+/cmd/#"], "subscribe": ["d/+/state"] },
+                "lifecycle": unknown_lifecycle(),
             },
             {
                 "id": "7h3k2m",
@@ -776,6 +795,7 @@ async fn devices_list_human_and_json() {
                 "isolation_reason": null,
                 "kind": null,
                 "grants": { "publish": [], "subscribe": [] },
+                "lifecycle": unknown_lifecycle(),
             },
             {
                 "id": "a1b2c3",
@@ -793,6 +813,7 @@ async fn devices_list_human_and_json() {
                 "isolation_reason": REASON,
                 "kind": null,
                 "grants": { "publish": [], "subscribe": [] },
+                "lifecycle": unknown_lifecycle(),
             },
         ]})
     );
@@ -815,7 +836,14 @@ async fn devices_show_human_and_json() {
          created:          2025-11-22 14:03\n\
          last seen:        2025-11-23 09:41\n\
          may publish:      -\n\
-         may subscribe:    -\n"
+         may subscribe:    -\n\
+         model:            -\n\
+         vendor:           -\n\
+         firmware:         -\n\
+         firmware sha256:  -\n\
+         integrity:        -\n\
+         support:          unknown\n\
+         update:           -\n"
     );
     assert_eq!(
         ok(&hub.socket, &["devices", "show", "a1b2c3"]).await,
@@ -831,7 +859,14 @@ async fn devices_show_human_and_json() {
          created:          2025-11-22 14:03\n\
          last seen:        -\n\
          may publish:      -\n\
-         may subscribe:    -\n"
+         may subscribe:    -\n\
+         model:            -\n\
+         vendor:           -\n\
+         firmware:         -\n\
+         firmware sha256:  -\n\
+         integrity:        -\n\
+         support:          unknown\n\
+         update:           -\n"
     );
     let human = ok(&hub.socket, &["devices", "show", "h0m3as"]).await;
     assert!(
@@ -839,7 +874,7 @@ async fn devices_show_human_and_json() {
         "{human}"
     );
     assert!(
-        human.ends_with("\nmay publish:      d/+/cmd/#\nmay subscribe:    d/+/state\n"),
+        human.contains("\nmay publish:      d/+/cmd/#\nmay subscribe:    d/+/state\n"),
         "{human}"
     );
     let json: serde_json::Value =
