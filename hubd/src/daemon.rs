@@ -168,6 +168,7 @@ pub async fn run(
     let listen_err = Error::Sockets;
     let mqtt = listeners.mqtt.into_std().map_err(listen_err)?;
     let admin = listeners.admin.into_std().map_err(listen_err)?;
+    let mut wiped_before: Option<String> = None;
     loop {
         let incarnation = Listeners {
             mqtt: TcpListener::from_std(mqtt.try_clone().map_err(listen_err)?)
@@ -175,9 +176,22 @@ pub async fn run(
             admin: UnixListener::from_std(admin.try_clone().map_err(listen_err)?)
                 .map_err(listen_err)?,
         };
-        match run_once(&config, &state_dir, incarnation, &shutdown, started).await? {
+        let previous = wiped_before.take();
+        match run_once(
+            &config,
+            &state_dir,
+            incarnation,
+            &shutdown,
+            started,
+            previous,
+        )
+        .await?
+        {
             Exit::Stopped => return Ok(()),
-            Exit::Wiped => info!("wiped: starting afresh, as on first start"),
+            Exit::Wiped(old_ca) => {
+                info!("wiped: starting afresh, as on first start");
+                wiped_before = Some(old_ca);
+            }
         }
     }
 }
@@ -185,8 +199,9 @@ pub async fn run(
 /// How one start of the hub ended.
 enum Exit {
     Stopped,
-    /// The state was wiped: start again on the fresh state.
-    Wiped,
+    /// The state was wiped: start again on the fresh state. The old CA's
+    /// fingerprint goes into the new hub's first security event.
+    Wiped(String),
 }
 
 /// One start of the hub, from opening the state to shutting down.
@@ -196,6 +211,7 @@ async fn run_once(
     listeners: Listeners,
     shutdown: &CancellationToken,
     started: Instant,
+    wiped_before: Option<String>,
 ) -> Result<Exit, Error> {
     let state_dir = state_dir.to_owned();
     // A wipe a crash or power cut interrupted is finished before anything
@@ -254,6 +270,20 @@ async fn run_once(
     let seclog_stop = CancellationToken::new();
     let seclog_tasks = TaskTracker::new();
     let seclog = SecLog::start(registry.store().clone(), &seclog_tasks, seclog_stop.clone())?;
+    // A wiped hub's log starts with the wipe (the old log went with it).
+    let old_ca =
+        wiped_before.or_else(|| interrupted.as_ref().map(|m| m.old_ca_fingerprint.clone()));
+    if let Some(old_ca) = old_ca {
+        seclog.record(
+            crate::seclog::Event::new(
+                crate::seclog::Kind::Wipe,
+                crate::seclog::Severity::Info,
+                "this hub was wiped for a new owner; everything of the old one was destroyed",
+            )
+            .evidence("old_ca", old_ca)
+            .evidence("new_ca", registry.ca_fingerprint()),
+        );
+    }
     let (reports_tx, reports_rx) = mpsc::channel(REPORTS_CAPACITY);
     let setup = edge::Setup {
         cfg: config.edge.clone(),
@@ -415,6 +445,7 @@ async fn run_once(
         // The admin API keeps serving (the wipe's own request waits on it)
         // but refuses everything else; the rest stops inside `wipe_now`.
         wiping.store(true, std::sync::atomic::Ordering::SeqCst);
+        let old_ca = registry.ca_fingerprint().to_owned();
         let stops = [
             ("aux", &aux_stop, &aux_tasks),
             ("lifecycle", &lifecycle_stop, &lifecycle_tasks),
@@ -445,7 +476,7 @@ async fn run_once(
         return match failed {
             // The marker is on disk: the next start finishes the wipe.
             Some(why) => Err(Error::Wipe(why)),
-            None => Ok(Exit::Wiped),
+            None => Ok(Exit::Wiped(old_ca)),
         };
     }
 
