@@ -1117,11 +1117,11 @@ mod tests {
         ];
         assert_eq!(
             device_table(&list),
-            "ID   NAME                   ROLE         KIND  STATE     CONNECTED  CERT EXPIRES      LAST SEEN         REASON\n\
-             d1   Kitchen sensor         device       -     active    yes        2026-11-22 14:03  -                 -\n\
-             d1   Wohnzimmer Thermostat  device       -     active    yes        2026-11-22 14:03  2026-11-22 14:03  -\n\
-             old  Old cam                device       -     isolated  no         2026-11-22 14:03  -                 no updates since 2021\\u{1b}[2J\n\
-             ha   Home Assistant         integration  -     active    yes        2026-11-22 14:03  -                 -\n"
+            "ID   NAME                   ROLE         KIND  STATE     CONNECTED  FIRMWARE  SUPPORT  CERT EXPIRES      LAST SEEN         REASON\n\
+             d1   Kitchen sensor         device       -     active    yes        -         unknown  2026-11-22 14:03  -                 -\n\
+             d1   Wohnzimmer Thermostat  device       -     active    yes        -         unknown  2026-11-22 14:03  2026-11-22 14:03  -\n\
+             old  Old cam                device       -     isolated  no         -         unknown  2026-11-22 14:03  -                 no updates since 2021\\u{1b}[2J\n\
+             ha   Home Assistant         integration  -     active    yes        -         -        2026-11-22 14:03  -                 -\n"
         );
         assert_eq!(
             device_details(&list[0]),
@@ -1137,7 +1137,14 @@ mod tests {
              created:          2025-11-22 14:03\n\
              last seen:        -\n\
              may publish:      -\n\
-             may subscribe:    -\n"
+             may subscribe:    -\n\
+             model:            -\n\
+             vendor:           -\n\
+             firmware:         -\n\
+             firmware sha256:  -\n\
+             integrity:        -\n\
+             support:          unknown\n\
+             update:           -\n"
         );
         assert_eq!(
             device_brief(&list[0]),
@@ -1247,6 +1254,12 @@ mod tests {
                 "isolation_reason": null,
                 "kind": null,
                 "grants": { "publish": [], "subscribe": [] },
+                "lifecycle": {
+                    "model": null, "vendor": null, "firmware": null, "firmware_sha256": null,
+                    "support_end": null, "support_source": null, "support_status": "unknown",
+                    "integrity": null, "update_version": null, "update_state": null,
+                    "update_error": null,
+                },
             })
         );
         let back: DeviceView = serde_json::from_value(json).expect("deserializes");
@@ -1368,8 +1381,10 @@ mod tests {
                 "counters",
                 "devices_connected",
                 "devices_known",
+                "lifecycle",
                 "mqtt_listen",
                 "protocol_version",
+                "seclog",
                 "uptime_seconds",
                 "version"
             ]

@@ -54,6 +54,7 @@ fn device(id: &str, name: &str, connected: bool, last_seen: i64) -> v1::Device {
         isolation_reason: String::new(),
         grants: None,
         kind: String::new(),
+        ..Default::default()
     }
 }
 
@@ -251,6 +252,7 @@ impl Admin for FakeHub {
                 events_dropped: 0,
                 problem: String::new(),
             }),
+            ..Default::default()
         }))
     }
 
@@ -552,6 +554,64 @@ impl Admin for FakeHub {
     ) -> Result<Response<v1::WipeResponse>, Status> {
         Err(Status::unimplemented("not in the fake hub"))
     }
+
+    async fn set_support(
+        &self,
+        _: Request<v1::SetSupportRequest>,
+    ) -> Result<Response<v1::Device>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    async fn trust_vendor_key(
+        &self,
+        _: Request<v1::TrustVendorKeyRequest>,
+    ) -> Result<Response<v1::TrustVendorKeyResponse>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    async fn add_firmware(
+        &self,
+        _: Request<v1::AddFirmwareRequest>,
+    ) -> Result<Response<v1::Firmware>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    async fn list_firmware(
+        &self,
+        _: Request<v1::ListFirmwareRequest>,
+    ) -> Result<Response<v1::ListFirmwareResponse>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    async fn push_firmware(
+        &self,
+        _: Request<v1::PushFirmwareRequest>,
+    ) -> Result<Response<v1::PushFirmwareResponse>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    type ListEventsStream = Pin<Box<dyn Stream<Item = Result<v1::SecurityEvent, Status>> + Send>>;
+
+    async fn list_events(
+        &self,
+        _: Request<v1::ListEventsRequest>,
+    ) -> Result<Response<Self::ListEventsStream>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    async fn verify_events(
+        &self,
+        _: Request<v1::VerifyEventsRequest>,
+    ) -> Result<Response<v1::VerifyEventsResponse>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
+
+    async fn audit(
+        &self,
+        _: Request<v1::AuditRequest>,
+    ) -> Result<Response<v1::AuditResponse>, Status> {
+        Err(Status::unimplemented("not in the fake hub"))
+    }
 }
 
 /// A running fake hub; the server task ends with the test's runtime.
@@ -600,6 +660,15 @@ async fn hubctl(socket: &Path, args: &[&str]) -> Run {
     .expect("hubctl thread")
 }
 
+/// A device's lifecycle in JSON when the hub knows nothing of it.
+fn unknown_lifecycle() -> serde_json::Value {
+    serde_json::json!({
+        "model": null, "vendor": null, "firmware": null, "firmware_sha256": null,
+        "support_end": null, "support_source": null, "support_status": "unknown",
+        "integrity": null, "update_version": null, "update_state": null, "update_error": null,
+    })
+}
+
 /// Asserts success and returns stdout.
 async fn ok(socket: &Path, args: &[&str]) -> String {
     let r = hubctl(socket, args).await;
@@ -631,7 +700,9 @@ async fn status_human_and_json() {
              connections refused:     0\n\
              sessions refused:        2\n\
              protocol errors:         0\n\
-             rules:                   3 (2 enabled), 7 runs, 1 refused by loop protection\n"
+             rules:                   3 (2 enabled), 7 runs, 1 refused by loop protection\n\
+             device support:          0 ended, 0 ending within 0 days, 0 unknown\n\
+             security events:         0 entries\n"
         )
     );
 
@@ -670,6 +741,13 @@ async fn status_human_and_json() {
                 "events_dropped": 0,
                 "problem": null,
             },
+            "lifecycle": {
+                "support_ended": 0, "support_ending": 0, "support_unknown": 0,
+                "ended_not_isolated": 0, "integrity_problems": 0,
+                "updates_in_progress": 0, "updates_failed": 0,
+                "isolate_after_support_end": false, "support_warning_days": 0,
+            },
+            "seclog": { "entries": 0, "dropped": 0, "recent_alerts": 0, "last_alert": null },
         })
     );
 }
@@ -679,10 +757,10 @@ async fn devices_list_human_and_json() {
     let hub = start(FakeHub::default());
     assert_eq!(
         ok(&hub.socket, &["devices", "list"]).await,
-        "ID      NAME              ROLE         KIND  STATE     CONNECTED  CERT EXPIRES      LAST SEEN         REASON\n\
-         h0m3as  Home Assistant    integration  -     active    yes        2026-11-22 14:03  2025-11-23 09:41  -\n\
-         7h3k2m  Küche Thermostat  device       -     active    yes        2026-11-22 14:03  2025-11-23 09:41  -\n\
-         a1b2c3  台所のセンサー    device       -     isolated  no         2026-11-22 14:03  -                 no firmware updates since 2021\n"
+        "ID      NAME              ROLE         KIND  STATE     CONNECTED  FIRMWARE  SUPPORT  CERT EXPIRES      LAST SEEN         REASON\n\
+         h0m3as  Home Assistant    integration  -     active    yes        -         -        2026-11-22 14:03  2025-11-23 09:41  -\n\
+         7h3k2m  Küche Thermostat  device       -     active    yes        -         unknown  2026-11-22 14:03  2025-11-23 09:41  -\n\
+         a1b2c3  台所のセンサー    device       -     isolated  no         -         unknown  2026-11-22 14:03  -                 no firmware updates since 2021\n"
     );
 
     let json: serde_json::Value =
@@ -706,6 +784,7 @@ async fn devices_list_human_and_json() {
                 "isolation_reason": null,
                 "kind": null,
                 "grants": { "publish": ["d/+/cmd/#"], "subscribe": ["d/+/state"] },
+                "lifecycle": unknown_lifecycle(),
             },
             {
                 "id": "7h3k2m",
@@ -723,6 +802,7 @@ async fn devices_list_human_and_json() {
                 "isolation_reason": null,
                 "kind": null,
                 "grants": { "publish": [], "subscribe": [] },
+                "lifecycle": unknown_lifecycle(),
             },
             {
                 "id": "a1b2c3",
@@ -740,6 +820,7 @@ async fn devices_list_human_and_json() {
                 "isolation_reason": REASON,
                 "kind": null,
                 "grants": { "publish": [], "subscribe": [] },
+                "lifecycle": unknown_lifecycle(),
             },
         ]})
     );
@@ -762,7 +843,14 @@ async fn devices_show_human_and_json() {
          created:          2025-11-22 14:03\n\
          last seen:        2025-11-23 09:41\n\
          may publish:      -\n\
-         may subscribe:    -\n"
+         may subscribe:    -\n\
+         model:            -\n\
+         vendor:           -\n\
+         firmware:         -\n\
+         firmware sha256:  -\n\
+         integrity:        -\n\
+         support:          unknown\n\
+         update:           -\n"
     );
     assert_eq!(
         ok(&hub.socket, &["devices", "show", "a1b2c3"]).await,
@@ -778,7 +866,14 @@ async fn devices_show_human_and_json() {
          created:          2025-11-22 14:03\n\
          last seen:        -\n\
          may publish:      -\n\
-         may subscribe:    -\n"
+         may subscribe:    -\n\
+         model:            -\n\
+         vendor:           -\n\
+         firmware:         -\n\
+         firmware sha256:  -\n\
+         integrity:        -\n\
+         support:          unknown\n\
+         update:           -\n"
     );
     let human = ok(&hub.socket, &["devices", "show", "h0m3as"]).await;
     assert!(
@@ -786,7 +881,7 @@ async fn devices_show_human_and_json() {
         "{human}"
     );
     assert!(
-        human.ends_with("\nmay publish:      d/+/cmd/#\nmay subscribe:    d/+/state\n"),
+        human.contains("\nmay publish:      d/+/cmd/#\nmay subscribe:    d/+/state\n"),
         "{human}"
     );
     let json: serde_json::Value =

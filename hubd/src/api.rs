@@ -38,7 +38,7 @@ use crate::lifecycle::LifecycleHandle;
 use crate::model::{DeviceId, DeviceName, Grants, Qos, Role};
 use crate::pairing::{SetupCode, WindowInfo};
 use crate::registry::{self, RegistryHandle};
-use crate::seclog::SecLog;
+use crate::seclog::{Event, Kind, SecLog, Severity};
 use crate::store::{self, DeviceRecord, DeviceState, RetainedKind};
 use crate::wipe;
 
@@ -475,6 +475,14 @@ fn window_to_pb(info: &WindowInfo, code: Option<&SetupCode>, uri: String) -> pb:
 }
 
 impl Service {
+    /// Records an admin's change in the security log, durably; a failure
+    /// to record is logged (the change itself is already made).
+    async fn note(&self, event: Event) {
+        if let Err(e) = self.state.seclog.record_durable(event).await {
+            warn!(error = %e, "cannot record an admin change in the security log");
+        }
+    }
+
     /// A device's message, with its lifecycle fields.
     fn device_pb(&self, d: &DeviceRecord, connected: bool) -> pb::Device {
         let mut p = device_to_pb(d, connected);
@@ -602,9 +610,24 @@ impl Admin for Service {
         &self,
         req: Request<pb::ApplyRulesRequest>,
     ) -> Result<Response<pb::ApplyRulesResponse>, Status> {
+        let actor = lifecycle::actor(&req);
         let req = req.into_inner();
         let file = rules_file(&req.text, req.file)?;
         let diff = self.state.automation.apply(&req.text, &file).await?;
+        self.note(
+            Event::new(
+                Kind::RulesChanged,
+                Severity::Info,
+                format!(
+                    "rules applied from {file}: {} added, {} changed, {} removed",
+                    diff.added.len(),
+                    diff.changed.len(),
+                    diff.removed.len()
+                ),
+            )
+            .actor(actor),
+        )
+        .await;
         Ok(Response::new(pb::ApplyRulesResponse {
             added: diff.added,
             changed: diff
@@ -645,6 +668,7 @@ impl Admin for Service {
         &self,
         req: Request<pb::SetRulesEnabledRequest>,
     ) -> Result<Response<pb::SetRulesEnabledResponse>, Status> {
+        let actor = lifecycle::actor(&req);
         let req = req.into_inner();
         let names = rule_names(&req.names)?;
         let changed = self
@@ -652,6 +676,16 @@ impl Admin for Service {
             .automation
             .set_enabled(&names, req.enabled)
             .await?;
+        let verb = if req.enabled { "enabled" } else { "disabled" };
+        self.note(
+            Event::new(
+                Kind::RulesChanged,
+                Severity::Info,
+                format!("rules {verb}: {}", changed.join(", ")),
+            )
+            .actor(actor),
+        )
+        .await;
         Ok(Response::new(pb::SetRulesEnabledResponse { changed }))
     }
 
@@ -659,8 +693,18 @@ impl Admin for Service {
         &self,
         req: Request<pb::RemoveRulesRequest>,
     ) -> Result<Response<pb::RemoveRulesResponse>, Status> {
+        let actor = lifecycle::actor(&req);
         let names = rule_names(&req.into_inner().names)?;
         self.state.automation.remove(&names).await?;
+        self.note(
+            Event::new(
+                Kind::RulesChanged,
+                Severity::Info,
+                format!("{} rules removed", names.len()),
+            )
+            .actor(actor),
+        )
+        .await;
         Ok(Response::new(pb::RemoveRulesResponse {}))
     }
 
@@ -1023,6 +1067,7 @@ impl Admin for Service {
         &self,
         req: Request<pb::EnrollDeviceRequest>,
     ) -> Result<Response<pb::EnrollDeviceResponse>, Status> {
+        let actor = lifecycle::actor(&req);
         let req = req.into_inner();
         let name = DeviceName::parse(&req.name)
             .map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
@@ -1039,6 +1084,16 @@ impl Admin for Service {
         let enrolled =
             blocking(move || registry.enroll(&name, &req.csr_pem, Role::Device, Grants::default()))
                 .await?;
+        self.note(
+            Event::new(
+                Kind::DeviceEnrolled,
+                Severity::Info,
+                "device enrolled from its CSR",
+            )
+            .device(&enrolled.device.id)
+            .actor(actor),
+        )
+        .await;
         Ok(Response::new(pb::EnrollDeviceResponse {
             device: Some(self.device_pb(&enrolled.device, false)),
             cert_pem: enrolled.cert_pem,
@@ -1050,6 +1105,7 @@ impl Admin for Service {
         &self,
         req: Request<pb::RevokeDeviceRequest>,
     ) -> Result<Response<pb::RevokeDeviceResponse>, Status> {
+        let actor = lifecycle::actor(&req);
         let id = parse_id("id", &req.into_inner().id)?;
         let registry = self.state.registry.clone();
         let target = id.clone();
@@ -1058,6 +1114,12 @@ impl Admin for Service {
         // device's reconnect is already refused.
         self.state.edge.set_crl(crl)?;
         let was_connected = self.state.edge.disconnect(&id).await;
+        self.note(
+            Event::new(Kind::DeviceRevoked, Severity::Info, "device revoked")
+                .device(&id)
+                .actor(actor),
+        )
+        .await;
         Ok(Response::new(pb::RevokeDeviceResponse {
             device: Some(self.device_pb(&device, false)),
             was_connected,
@@ -1082,6 +1144,7 @@ impl Admin for Service {
         &self,
         req: Request<pb::OpenPairingRequest>,
     ) -> Result<Response<pb::PairingWindow>, Status> {
+        let actor = lifecycle::actor(&req);
         let req = req.into_inner();
         let name = parse_name(&req.name)?;
         let (role, grants) = role_and_grants(req.role, req.grants)?;
@@ -1092,6 +1155,15 @@ impl Admin for Service {
             .edge
             .open_pairing(name, role, grants, lifetime)
             .await?;
+        self.note(
+            Event::new(
+                Kind::PairingOpened,
+                Severity::Info,
+                format!("pairing window {} opened", opened.info.claim),
+            )
+            .actor(actor),
+        )
+        .await;
         Ok(Response::new(window_to_pb(
             &opened.info,
             Some(&opened.code),
@@ -1118,8 +1190,18 @@ impl Admin for Service {
         &self,
         req: Request<pb::CancelPairingRequest>,
     ) -> Result<Response<pb::PairingWindow>, Status> {
+        let actor = lifecycle::actor(&req);
         let claim = req.into_inner().claim_id;
         let info = self.state.edge.cancel_pairing(&claim).await?;
+        self.note(
+            Event::new(
+                Kind::PairingCancelled,
+                Severity::Info,
+                format!("pairing window {} cancelled", info.claim),
+            )
+            .actor(actor),
+        )
+        .await;
         Ok(Response::new(window_to_pb(&info, None, String::new())))
     }
 
@@ -1127,12 +1209,23 @@ impl Admin for Service {
         &self,
         req: Request<pb::EnrollBundleRequest>,
     ) -> Result<Response<pb::EnrollBundleResponse>, Status> {
+        let actor = lifecycle::actor(&req);
         let req = req.into_inner();
         let name = parse_name(&req.name)?;
         let (role, grants) = role_and_grants(req.role, req.grants)?;
         let registry = self.state.registry.clone();
         let (enrolled, key_pem) =
             blocking(move || registry.enroll_bundle(&name, role, grants)).await?;
+        self.note(
+            Event::new(
+                Kind::DeviceEnrolled,
+                Severity::Warning,
+                "device enrolled with an offline bundle: the hub made its key",
+            )
+            .device(&enrolled.device.id)
+            .actor(actor),
+        )
+        .await;
         Ok(Response::new(pb::EnrollBundleResponse {
             device: Some(self.device_pb(&enrolled.device, false)),
             key_pem,
@@ -1145,12 +1238,19 @@ impl Admin for Service {
         &self,
         req: Request<pb::RenameDeviceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
+        let actor = lifecycle::actor(&req);
         let req = req.into_inner();
         let id = parse_id("id", &req.id)?;
         let name = parse_name(&req.name)?;
         let registry = self.state.registry.clone();
         let target = id.clone();
         let device = blocking(move || registry.rename(&target, &name)).await?;
+        self.note(
+            Event::new(Kind::DeviceRenamed, Severity::Info, "device renamed")
+                .device(&id)
+                .actor(actor),
+        )
+        .await;
         Ok(Response::new(
             self.device_pb(&device, self.state.edge.is_connected(&id)),
         ))
@@ -1160,6 +1260,7 @@ impl Admin for Service {
         &self,
         req: Request<pb::RemoveDeviceRequest>,
     ) -> Result<Response<pb::RemoveDeviceResponse>, Status> {
+        let actor = lifecycle::actor(&req);
         let req = req.into_inner();
         let id = parse_id("id", &req.id)?;
         let registry = self.state.registry.clone();
@@ -1192,6 +1293,13 @@ impl Admin for Service {
         let target = id.clone();
         let (_, crl) = blocking(move || registry.remove(&target)).await?;
         self.state.edge.set_crl(crl)?;
+        self.note(
+            Event::new(Kind::DeviceRemoved, Severity::Info, "device removed")
+                .device(&id)
+                .actor(actor.clone())
+                .evidence("reset_acknowledged", reset_acknowledged),
+        )
+        .await;
         let was_connected = self.state.edge.disconnect(&id).await;
         // Its retained state and metadata go too (empty retained messages).
         for which in RetainedKind::ALL {
@@ -1243,6 +1351,7 @@ impl Admin for Service {
         &self,
         req: Request<pb::UpdateGrantsRequest>,
     ) -> Result<Response<pb::Device>, Status> {
+        let actor = lifecycle::actor(&req);
         let req = req.into_inner();
         let id = parse_id("id", &req.id)?;
         let change = grants_from_pb(req.grants);
@@ -1254,6 +1363,21 @@ impl Admin for Service {
         let device = blocking(move || registry.update_grants(&target, &change, req.revoke)).await?;
         // The new rights apply from the next session: end the current one.
         self.state.edge.disconnect(&id).await;
+        self.note(
+            Event::new(
+                Kind::GrantsChanged,
+                Severity::Info,
+                format!(
+                    "grants {}: publish {:?}, subscribe {:?}",
+                    if req.revoke { "revoked" } else { "added" },
+                    device.grants.publish,
+                    device.grants.subscribe
+                ),
+            )
+            .device(&id)
+            .actor(actor),
+        )
+        .await;
         Ok(Response::new(self.device_pb(&device, false)))
     }
 

@@ -32,6 +32,7 @@ pub struct Config {
     pub privacy: PrivacySection,
     pub lifecycle: LifecycleSection,
     pub seclog: SeclogSection,
+    pub telemetry: TelemetrySection,
 }
 
 /// `[hub]`: identity, state and logging.
@@ -177,6 +178,50 @@ pub struct LifecycleSection {
     pub max_image_size: usize,
 }
 
+/// What an anomaly does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnomalyPolicy {
+    /// A security event (warning), nothing more.
+    Log,
+    /// A security event (alert): status, the journal and `$hub/alerts`.
+    Alert,
+    /// The alert, and the device is isolated.
+    Isolate,
+}
+
+/// `[telemetry]`: per-device baselines and anomaly thresholds.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// The length of a counting window.
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub window: Duration,
+    /// Windows of history a device needs before rate and size anomalies.
+    pub warmup_windows: u32,
+    /// A window with more than this many times the baseline's messages...
+    pub rate_factor: u32,
+    /// ...and more than this many messages is a flood.
+    pub min_messages: u64,
+    /// A payload more than this many times the baseline's size...
+    pub size_factor: u32,
+    /// ...and larger than this many bytes is oversized.
+    pub min_payload_bytes: usize,
+    /// Refused topics in one window that count as probing.
+    pub max_acl_denials: u32,
+    /// Sessions in one window that count as a reconnect loop.
+    pub max_reconnects: u32,
+    /// Refused TLS handshakes from one address in one window that throttle it.
+    pub max_handshake_failures: u32,
+    /// How long a throttled address's connections are refused.
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub throttle: Duration,
+    pub on_message_rate: AnomalyPolicy,
+    pub on_payload_size: AnomalyPolicy,
+    pub on_probing: AnomalyPolicy,
+    pub on_reconnects: AnomalyPolicy,
+}
+
 /// `[seclog]`: how long security events are kept.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -277,6 +322,27 @@ impl Default for LifecycleSection {
             on_integrity_failure: IntegrityPolicy::Isolate,
             ota_chunk_size: 16 * 1024,
             max_image_size: 32 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for TelemetrySection {
+    fn default() -> Self {
+        TelemetrySection {
+            window: Duration::from_secs(60),
+            warmup_windows: 5,
+            rate_factor: 10,
+            min_messages: 120,
+            size_factor: 10,
+            min_payload_bytes: 4096,
+            max_acl_denials: 10,
+            max_reconnects: 10,
+            max_handshake_failures: 20,
+            throttle: Duration::from_secs(60),
+            on_message_rate: AnomalyPolicy::Alert,
+            on_payload_size: AnomalyPolicy::Log,
+            on_probing: AnomalyPolicy::Isolate,
+            on_reconnects: AnomalyPolicy::Alert,
         }
     }
 }

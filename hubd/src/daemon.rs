@@ -34,6 +34,7 @@ use crate::registry::{self, RegistryHandle};
 use crate::seclog::SecLog;
 use crate::store::{self, Store};
 use crate::systemd;
+use crate::telemetry::Telemetry;
 use crate::wipe;
 
 /// How long shutdown may take before the daemon gives up waiting.
@@ -81,7 +82,7 @@ pub enum Error {
     #[error("automation: {0}")]
     Automation(#[from] automation::Error),
     #[error("lifecycle: {0}")]
-    Lifecycle(#[from] lifecycle::Error),
+    Lifecycle(#[from] Box<lifecycle::Error>),
     /// The bound sockets could not be handed to a new start of the hub.
     #[error("cannot take over the listening sockets: {0}")]
     Sockets(std::io::Error),
@@ -167,6 +168,7 @@ pub async fn run(
     let listen_err = Error::Sockets;
     let mqtt = listeners.mqtt.into_std().map_err(listen_err)?;
     let admin = listeners.admin.into_std().map_err(listen_err)?;
+    let mut wiped_before: Option<String> = None;
     loop {
         let incarnation = Listeners {
             mqtt: TcpListener::from_std(mqtt.try_clone().map_err(listen_err)?)
@@ -174,9 +176,22 @@ pub async fn run(
             admin: UnixListener::from_std(admin.try_clone().map_err(listen_err)?)
                 .map_err(listen_err)?,
         };
-        match run_once(&config, &state_dir, incarnation, &shutdown, started).await? {
+        let previous = wiped_before.take();
+        match run_once(
+            &config,
+            &state_dir,
+            incarnation,
+            &shutdown,
+            started,
+            previous,
+        )
+        .await?
+        {
             Exit::Stopped => return Ok(()),
-            Exit::Wiped => info!("wiped: starting afresh, as on first start"),
+            Exit::Wiped(old_ca) => {
+                info!("wiped: starting afresh, as on first start");
+                wiped_before = Some(old_ca);
+            }
         }
     }
 }
@@ -184,8 +199,9 @@ pub async fn run(
 /// How one start of the hub ended.
 enum Exit {
     Stopped,
-    /// The state was wiped: start again on the fresh state.
-    Wiped,
+    /// The state was wiped: start again on the fresh state. The old CA's
+    /// fingerprint goes into the new hub's first security event.
+    Wiped(String),
 }
 
 /// One start of the hub, from opening the state to shutting down.
@@ -195,6 +211,7 @@ async fn run_once(
     listeners: Listeners,
     shutdown: &CancellationToken,
     started: Instant,
+    wiped_before: Option<String>,
 ) -> Result<Exit, Error> {
     let state_dir = state_dir.to_owned();
     // A wipe a crash or power cut interrupted is finished before anything
@@ -253,6 +270,20 @@ async fn run_once(
     let seclog_stop = CancellationToken::new();
     let seclog_tasks = TaskTracker::new();
     let seclog = SecLog::start(registry.store().clone(), &seclog_tasks, seclog_stop.clone())?;
+    // A wiped hub's log starts with the wipe (the old log went with it).
+    let old_ca =
+        wiped_before.or_else(|| interrupted.as_ref().map(|m| m.old_ca_fingerprint.clone()));
+    if let Some(old_ca) = old_ca {
+        seclog.record(
+            crate::seclog::Event::new(
+                crate::seclog::Kind::Wipe,
+                crate::seclog::Severity::Info,
+                "this hub was wiped for a new owner; everything of the old one was destroyed",
+            )
+            .evidence("old_ca", old_ca)
+            .evidence("new_ca", registry.ca_fingerprint()),
+        );
+    }
     let (reports_tx, reports_rx) = mpsc::channel(REPORTS_CAPACITY);
     let setup = edge::Setup {
         cfg: config.edge.clone(),
@@ -265,6 +296,7 @@ async fn run_once(
         keep_history: config.privacy.history_days > 0,
         reports: Some(reports_tx),
         seclog: seclog.clone(),
+        telemetry: Arc::new(Telemetry::new(config.telemetry.clone())),
     };
     let edge = edge::start(setup, &edge_tasks, edge_stop.clone()).await?;
 
@@ -303,7 +335,8 @@ async fn run_once(
         &lifecycle_tasks,
         lifecycle_stop.clone(),
     )
-    .await?;
+    .await
+    .map_err(Box::new)?;
 
     let api_stop = CancellationToken::new();
     let api_tasks = TaskTracker::new();
@@ -362,6 +395,11 @@ async fn run_once(
         config.privacy.history_days,
         aux_stop.clone(),
     ));
+    aux_tasks.spawn(publish_alerts(
+        seclog.clone(),
+        edge.clone(),
+        aux_stop.clone(),
+    ));
     aux_tasks.spawn(prune_seclog(
         registry.clone(),
         config.seclog.clone(),
@@ -409,6 +447,7 @@ async fn run_once(
         // The admin API keeps serving (the wipe's own request waits on it)
         // but refuses everything else; the rest stops inside `wipe_now`.
         wiping.store(true, std::sync::atomic::Ordering::SeqCst);
+        let old_ca = registry.ca_fingerprint().to_owned();
         let stops = [
             ("aux", &aux_stop, &aux_tasks),
             ("lifecycle", &lifecycle_stop, &lifecycle_tasks),
@@ -439,7 +478,7 @@ async fn run_once(
         return match failed {
             // The marker is on disk: the next start finishes the wipe.
             Some(why) => Err(Error::Wipe(why)),
-            None => Ok(Exit::Wiped),
+            None => Ok(Exit::Wiped(old_ca)),
         };
     }
 
@@ -654,6 +693,44 @@ fn isolator(edge: EdgeHandle) -> lifecycle::Isolator {
                 .map_err(|e| e.to_string())
         })
     })
+}
+
+/// Publishes every alert of the security log on `$hub/alerts` (QoS 1, not
+/// retained), for integrations granted it: anomalies, integrity failures,
+/// support ends, throttled addresses.
+async fn publish_alerts(seclog: SecLog, edge: EdgeHandle, stop: CancellationToken) {
+    let mut entries = seclog.subscribe();
+    loop {
+        let entry = tokio::select! {
+            _ = stop.cancelled() => return,
+            e = entries.recv() => match e {
+                Ok(e) => e,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(skipped = n, "alerts publisher fell behind the security log");
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+        };
+        if entry.severity != crate::seclog::Severity::Alert.as_str() {
+            continue;
+        }
+        let payload = serde_json::json!({
+            "seq": entry.seq,
+            "at_ms": entry.at_ms,
+            "kind": entry.kind,
+            "device": entry.device,
+            "message": entry.message,
+            "evidence": entry.evidence,
+        })
+        .to_string();
+        if let Err(e) = edge
+            .publish("$hub/alerts", payload.into(), Qos::AtLeastOnce, false)
+            .await
+        {
+            warn!(error = %e, "cannot publish an alert on $hub/alerts");
+        }
+    }
 }
 
 /// Deletes security events past `[seclog] retention_days` or beyond

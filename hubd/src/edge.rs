@@ -61,12 +61,14 @@ use crate::bus::{BusTx, DeviceReport, HubEvent};
 
 mod pairing_listener;
 use crate::ca::{self, ServerIdentity};
+use crate::config::AnomalyPolicy;
 use crate::config::EdgeSection;
 use crate::config::PairingSection;
 use crate::model::{DeviceId, Qos};
 use crate::registry::{self, RegistryHandle};
 use crate::seclog::{self, SecLog, Severity};
 use crate::store::{DeviceRecord, HistoryRecord, RetainedKind};
+use crate::telemetry::{Anomaly, Telemetry};
 pub use pairing_listener::OpenedWindow;
 
 /// Client id of the hub's own router link. `_` cannot appear in a device id,
@@ -380,6 +382,8 @@ struct Shared {
     reports: Option<mpsc::Sender<DeviceReport>>,
     /// Where security events go.
     seclog: SecLog,
+    /// Per-device baselines and anomalies; refused-handshake throttling.
+    telemetry: Arc<Telemetry>,
     /// Device states and events on their way to the history (none when
     /// `[privacy] history_days` is 0).
     history_tx: Option<mpsc::Sender<HistoryRecord>>,
@@ -780,6 +784,8 @@ pub struct Setup {
     pub reports: Option<mpsc::Sender<DeviceReport>>,
     /// The security log.
     pub seclog: SecLog,
+    /// Baselines and anomalies.
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// Starts the rumqttd router and the edge's accept loop on `listener`. The
@@ -800,6 +806,7 @@ pub async fn start(
         keep_history,
         reports,
         seclog,
+        telemetry,
     } = setup;
     let local_addr = listener.local_addr().map_err(Error::Listener)?;
     let tls = material.build()?;
@@ -889,6 +896,7 @@ pub async fn start(
         bus,
         reports,
         seclog,
+        telemetry,
         history_tx,
         shutdown: shutdown.clone(),
     });
@@ -1100,6 +1108,12 @@ async fn accept_loop(
                 }
             },
         };
+        if shared.telemetry.throttled(peer.ip(), unix_ms()) {
+            // Too many refused handshakes from there lately (see telemetry).
+            bump(&shared.counters.connections_refused);
+            debug!(%peer, "connection refused: address throttled");
+            continue;
+        }
         let Some(delay) = bucket.admit(Instant::now()) else {
             bump(&shared.counters.connections_refused);
             debug!(%peer, "admission refused: rate limit");
@@ -1178,7 +1192,7 @@ async fn connection(
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 bump(&shared.counters.handshakes_failed);
-                warn!(target: "security", %peer, error = %e, "tls handshake refused");
+                handshake_refused(&shared, peer, &e.to_string());
                 return;
             }
             Err(_) => {
@@ -1207,7 +1221,11 @@ async fn connection(
         Ok(pair) => pair,
         Err(reason) => {
             bump(&shared.counters.handshakes_failed);
-            warn!(target: "security", %peer, %reason, "client certificate names no device");
+            handshake_refused(
+                &shared,
+                peer,
+                &format!("client certificate names no device: {reason}"),
+            );
             return;
         }
     };
@@ -1515,6 +1533,15 @@ impl Conn {
             return self.refused_publish(topic, qos, &publish).await;
         }
         bump(&self.shared.counters.publishes_received);
+        if let Principal::Device(id) | Principal::Isolated(id) = &self.principal {
+            for anomaly in self
+                .shared
+                .telemetry
+                .published(id, publish.payload.len(), unix_ms())
+            {
+                on_anomaly(&self.shared, anomaly);
+            }
+        }
         if let Principal::Device(id) = &self.principal
             && acl::own_suffix(id, topic) == Some("cert/csr")
         {
@@ -1574,7 +1601,7 @@ impl Conn {
     ) -> Result<(), End> {
         bump(&self.shared.counters.acl_denied);
         self.violations += 1;
-        warn!(target: "security", device = %self.id, %topic, "publish denied by acl");
+        self.denied("publish", topic);
         // v5 says why; v3.1.1 has no negative PUBACK, so the message is
         // acknowledged and discarded (as Mosquitto does) to stop retries.
         let reason = if self.codec.is_v5() {
@@ -1668,7 +1695,7 @@ impl Conn {
                 }
                 Ok(()) if !acl::check_subscribe(&self.principal, &filter.path) => {
                     bump(&self.shared.counters.acl_denied);
-                    warn!(target: "security", device = %self.id, filter = %filter.path, "subscribe denied by acl");
+                    self.denied("subscribe", &filter.path);
                     Some(SubscribeReasonCode::NotAuthorized)
                 }
                 Ok(()) => None,
@@ -1703,6 +1730,23 @@ impl Conn {
         subscribe.filters = allowed;
         to_router.push(Packet::Subscribe(subscribe, props));
         Ok(())
+    }
+
+    /// An ACL refusal: a security event, and telemetry's probing count.
+    fn denied(&self, what: &str, topic: &str) {
+        self.shared.seclog.record(
+            seclog::Event::new(
+                seclog::Kind::AclDenied,
+                Severity::Warning,
+                format!("{what} denied by the acl: {topic}"),
+            )
+            .device(&self.id)
+            .actor("device")
+            .evidence("topic", topic),
+        );
+        if let Some(anomaly) = self.shared.telemetry.denied(&self.id, topic, unix_ms()) {
+            on_anomaly(&self.shared, anomaly);
+        }
     }
 
     /// Hands a device's report to the lifecycle service; a full queue
@@ -1869,6 +1913,71 @@ async fn writer<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Bytes>)
     let _ = wr.shutdown().await;
 }
 
+/// A refused TLS handshake: recorded, counted against its address, and the
+/// address throttled once it has failed too often.
+fn handshake_refused(shared: &Shared, peer: SocketAddr, why: &str) {
+    shared.seclog.record(
+        seclog::Event::new(
+            seclog::Kind::HandshakeRefused,
+            Severity::Warning,
+            format!("tls handshake refused: {why}"),
+        )
+        .actor(peer.to_string()),
+    );
+    if let Some(t) = shared.telemetry.handshake_failed(peer.ip(), unix_ms()) {
+        shared.seclog.record(
+            seclog::Event::new(
+                seclog::Kind::Throttled,
+                Severity::Alert,
+                format!(
+                    "{} refused handshakes from {}: its connections are refused for a while",
+                    t.failures, t.addr
+                ),
+            )
+            .actor(t.addr.to_string())
+            .evidence("failures", t.failures)
+            .evidence("until_ms", t.until_ms),
+        );
+    }
+}
+
+/// Acts on an anomaly as its policy says: a security event (a warning for
+/// `log`, an alert otherwise), and for `isolate` the device's isolation.
+fn on_anomaly(shared: &Arc<Shared>, anomaly: Anomaly) {
+    let severity = match anomaly.policy {
+        AnomalyPolicy::Log => Severity::Warning,
+        AnomalyPolicy::Alert | AnomalyPolicy::Isolate => Severity::Alert,
+    };
+    let isolate = anomaly.policy == AnomalyPolicy::Isolate;
+    let headline = anomaly.kind.headline();
+    let message = if isolate {
+        format!("{headline}: device isolated")
+    } else {
+        headline.to_owned()
+    };
+    shared.seclog.record(
+        seclog::Event::new(seclog::Kind::Anomaly, severity, message)
+            .device(&anomaly.device)
+            .actor("telemetry policy")
+            .evidence("anomaly", anomaly.kind.as_str())
+            .evidence("expected", &anomaly.expected)
+            .evidence("seen", &anomaly.seen),
+    );
+    if isolate && !shared.isolated.load().contains(&anomaly.device) {
+        let handle = EdgeHandle {
+            shared: shared.clone(),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = handle
+                .isolate(&anomaly.device, headline, "telemetry policy")
+                .await
+            {
+                warn!(device = %anomaly.device, error = %e, "cannot isolate after an anomaly");
+            }
+        });
+    }
+}
+
 /// Writes a refusing CONNACK straight to the socket and closes it.
 async fn refuse(
     shared: &Shared,
@@ -1880,7 +1989,15 @@ async fn refuse(
     why: &str,
 ) {
     bump(&shared.counters.sessions_refused);
-    warn!(target: "security", %peer, device = %id, reason = why, "mqtt session refused");
+    shared.seclog.record(
+        seclog::Event::new(
+            seclog::Kind::SessionRefused,
+            Severity::Warning,
+            format!("mqtt session refused: {why}"),
+        )
+        .device(id)
+        .actor(peer.to_string()),
+    );
     let mut buf = BytesMut::new();
     let ack = ConnAck {
         session_present: false,
@@ -2130,6 +2247,9 @@ async fn session(
         Ok(()) => {
             shared.registry.touch(&id);
             info!(%peer, device = %id, v5 = conn.codec.is_v5(), "device connected");
+            if let Some(anomaly) = shared.telemetry.connected(&id, unix_ms()) {
+                on_anomaly(&shared, anomaly);
+            }
             if let Some(bus) = &shared.bus {
                 bus.send(HubEvent::Online(id.clone()));
             }

@@ -18,6 +18,7 @@ pub mod store;
 pub mod pairing;
 pub mod registry;
 pub mod seclog;
+pub mod telemetry;
 // Layer 3: the network edge.
 pub mod edge;
 // Layer 3 too: the rules engine, and firmware, support periods and updates.

@@ -121,7 +121,10 @@ pub fn parse_signature(bytes: &[u8]) -> Result<[u8; 64], Invalid> {
 }
 
 fn decode_text(text: &str) -> Option<Vec<u8>> {
-    if !text.is_empty() && text.len() % 2 == 0 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !text.is_empty()
+        && text.len().is_multiple_of(2)
+        && text.bytes().all(|b| b.is_ascii_hexdigit())
+    {
         return hex::decode(text).ok();
     }
     base64::engine::general_purpose::STANDARD.decode(text).ok()

@@ -41,6 +41,7 @@ pub enum Kind {
     SessionRefused,
     AclDenied,
     DeviceEnrolled,
+    DeviceRenamed,
     DeviceRevoked,
     DeviceRemoved,
     DeviceIsolated,
@@ -65,7 +66,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 29] = [
+    pub const ALL: [Kind; 30] = [
         Kind::PairingOpened,
         Kind::PairingUsed,
         Kind::PairingFailed,
@@ -74,6 +75,7 @@ impl Kind {
         Kind::SessionRefused,
         Kind::AclDenied,
         Kind::DeviceEnrolled,
+        Kind::DeviceRenamed,
         Kind::DeviceRevoked,
         Kind::DeviceRemoved,
         Kind::DeviceIsolated,
@@ -107,6 +109,7 @@ impl Kind {
             Kind::SessionRefused => "session.refused",
             Kind::AclDenied => "acl.denied",
             Kind::DeviceEnrolled => "device.enrolled",
+            Kind::DeviceRenamed => "device.renamed",
             Kind::DeviceRevoked => "device.revoked",
             Kind::DeviceRemoved => "device.removed",
             Kind::DeviceIsolated => "device.isolated",
@@ -228,10 +231,7 @@ pub struct Verified {
 
 /// Walks stored entries (key, decoded or the error) from the anchor and
 /// reports the first broken link.
-pub fn verify(
-    anchor: &SeclogAnchor,
-    stored: Vec<(String, Result<SeclogEntry, store::Error>)>,
-) -> Verified {
+pub fn verify(anchor: &SeclogAnchor, stored: store::RawEntries) -> Verified {
     let mut expected_seq = anchor.first_seq;
     let mut prev = anchor.prev.clone();
     let mut entries = 0u64;

@@ -440,6 +440,7 @@ pub enum Error {
 
 mod catalogue;
 mod seclog;
+pub use seclog::RawEntries;
 
 /// Attaches the store path to redb's errors, so `?` reads cleanly below.
 trait DbContext<T> {

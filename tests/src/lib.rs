@@ -263,6 +263,15 @@ pub struct StoppedHub {
 }
 
 impl StoppedHub {
+    /// The hub's state dir, for tests that inspect or damage it.
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        self.config
+            .hub
+            .state_dir
+            .clone()
+            .expect("TestHub always sets a state dir")
+    }
+
     /// Starts it again on the same state dir and address.
     pub async fn start_again(self) -> anyhow::Result<TestHub> {
         TestHub::launch(self.dir, self.config).await

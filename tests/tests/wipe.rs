@@ -136,6 +136,29 @@ async fn wipe_resets_devices_destroys_everything_and_signs_a_receipt() {
     assert_eq!(status.devices_known, 0);
     assert_eq!(status.automation.unwrap().rules, 0);
     assert!(!hub.state_dir.join("WIPE").exists());
+    // The new security log starts with the wipe, and nothing of the old one.
+    let deadline = tokio::time::Instant::now() + hub_tests::WAIT;
+    let events = loop {
+        let (code, out, err) = hubctl(&hub, &["events", "--json"]).await;
+        assert_eq!(code, 0, "{err}");
+        let events: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if !events.is_empty() || tokio::time::Instant::now() > deadline {
+            break events;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    // (Old devices knocking with old certificates may follow it.)
+    assert_eq!(events[0]["kind"], "wipe", "{events:#?}");
+    assert_eq!(events.iter().filter(|e| e["kind"] == "wipe").count(), 1);
+    assert!(
+        !events.iter().any(|e| e["kind"] == "device.enrolled"),
+        "{events:#?}"
+    );
+    assert_eq!(events[0]["evidence"]["old_ca"], old_status.ca_fingerprint);
+    assert_eq!(events[0]["evidence"]["new_ca"], status.ca_fingerprint);
     // Nothing of the old hub is left on disk: no canary, no old data key.
     let leaks = files_containing(&hub.state_dir, CANARY.as_bytes());
     assert!(leaks.is_empty(), "{leaks:?}");

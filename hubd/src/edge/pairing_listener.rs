@@ -441,7 +441,14 @@ async fn handle_request(shared: &Arc<Shared>, source: IpAddr, payload: &[u8]) ->
     let info = match attempt {
         Ok(info) => info,
         Err(e) => {
-            warn!(target: "security", %source, claim = %request.claim, reason = %e, "pairing attempt refused");
+            shared.seclog.record(
+                crate::seclog::Event::new(
+                    crate::seclog::Kind::PairingFailed,
+                    crate::seclog::Severity::Warning,
+                    format!("pairing attempt for window {} refused: {e}", request.claim),
+                )
+                .actor(source.to_string()),
+            );
             let code = match &e {
                 PairError::UnknownClaim => "unknown_claim",
                 PairError::Closed(Closed::Used) => "used",
@@ -464,7 +471,15 @@ async fn handle_request(shared: &Arc<Shared>, source: IpAddr, payload: &[u8]) ->
         tokio::task::spawn_blocking(move || registry.enroll(&name, &csr, role, grants)).await;
     match enrolled {
         Ok(Ok(e)) => {
-            info!(target: "security", %source, claim = %info.claim, device = %e.device.id, "device paired");
+            shared.seclog.record(
+                crate::seclog::Event::new(
+                    crate::seclog::Kind::PairingUsed,
+                    crate::seclog::Severity::Info,
+                    format!("device paired through window {}", info.claim),
+                )
+                .device(&e.device.id)
+                .actor(source.to_string()),
+            );
             serde_json::json!({
                 "ok": true,
                 "device_id": e.device.id.to_string(),

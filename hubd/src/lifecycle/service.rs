@@ -568,7 +568,7 @@ impl LifecycleHandle {
         self.inner.sweep.notify_one();
         let registry = self.inner.registry.clone();
         let _ = device;
-        Ok(blocking(move || Ok(registry.device(&id)?)).await?)
+        blocking(move || Ok(registry.device(&id)?)).await
     }
 
     /// Applies the end-of-life policy to every device whose support has

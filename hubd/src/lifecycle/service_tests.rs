@@ -37,8 +37,10 @@ fn add_device(store: &Store, id: &str, support_end: &str) {
         not_after: i64::MAX,
         revoked_at: None,
     };
-    let mut lifecycle = crate::store::Lifecycle::default();
-    lifecycle.support_end_reported = Some(support_end.to_owned());
+    let lifecycle = crate::store::Lifecycle {
+        support_end_reported: Some(support_end.to_owned()),
+        ..Default::default()
+    };
     let record = DeviceRecord {
         id: DeviceId::parse(id).unwrap(),
         name: id.to_owned(),

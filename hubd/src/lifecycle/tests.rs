@@ -1,3 +1,6 @@
+//! The pure lifecycle rules: versions, dates, support status, meta
+//! parsing, the integrity decision, vendor keys and signatures.
+
 use super::*;
 use crate::store::UpdateRecord;
 

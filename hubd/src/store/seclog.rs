@@ -5,6 +5,9 @@ use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use super::{DbContext, Error, META, META_SECLOG_ANCHOR, SECLOG, SeclogAnchor, SeclogEntry, Store};
 
+/// Each stored entry's key, and the entry or why it cannot be read.
+pub type RawEntries = Vec<(String, Result<SeclogEntry, Error>)>;
+
 fn seq_key(seq: u64) -> String {
     format!("{seq:016x}")
 }
@@ -62,7 +65,7 @@ impl Store {
     /// Every entry as stored, decrypted or not: `(key, Ok(entry))`, or the
     /// error that names why the value cannot be read. For verification,
     /// which must report a damaged entry rather than stop at it.
-    pub fn seclog_raw(&self) -> Result<Vec<(String, Result<SeclogEntry, Error>)>, Error> {
+    pub fn seclog_raw(&self) -> Result<RawEntries, Error> {
         let path = &*self.path;
         let txn = self.db.begin_read().ctx(path)?;
         let table = txn.open_table(SECLOG).ctx(path)?;
