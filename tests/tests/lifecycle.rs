@@ -75,24 +75,16 @@ async fn trust(hub: &TestHub, vendor: &Vendor, model: &str) {
     .await;
 }
 
-/// Adds `image` as `model` `version` signed by `vendor`; returns hubctl's
-/// exit code and stderr.
-async fn add(
+/// Runs `hubctl firmware add` on the given files; returns the exit code
+/// and stderr.
+async fn firmware_add(
     hub: &TestHub,
-    vendor: &Vendor,
-    signer: &Vendor,
+    img: &Path,
     model: &str,
     version: &str,
-    image: &[u8],
+    sig: &Path,
+    key: &Path,
 ) -> (u8, String) {
-    let dir = hub.dir.path();
-    let img = write(dir, &format!("{model}-{version}.img"), image);
-    let sig = write(
-        dir,
-        &format!("{model}-{version}.sig"),
-        signer.sign(model, version, image).as_bytes(),
-    );
-    let key = write(dir, "vendor-key.pub", vendor.public_pem().as_bytes());
     let (code, _, err) = hubctl(
         hub,
         &[
@@ -111,6 +103,27 @@ async fn add(
     )
     .await;
     (code, err)
+}
+
+/// Adds `image` as `model` `version` signed by `vendor`; returns hubctl's
+/// exit code and stderr.
+async fn add(
+    hub: &TestHub,
+    vendor: &Vendor,
+    signer: &Vendor,
+    model: &str,
+    version: &str,
+    image: &[u8],
+) -> (u8, String) {
+    let dir = hub.dir.path();
+    let img = write(dir, &format!("{model}-{version}.img"), image);
+    let sig = write(
+        dir,
+        &format!("{model}-{version}.sig"),
+        signer.sign(model, version, image).as_bytes(),
+    );
+    let key = write(dir, "vendor-key.pub", vendor.public_pem().as_bytes());
+    firmware_add(hub, &img, model, version, &sig, &key).await
 }
 
 async fn catalogue(hub: &TestHub) -> serde_json::Value {
@@ -206,44 +219,12 @@ async fn the_catalogue_takes_only_images_signed_by_a_key_trusted_for_their_model
     let img = write(dir, "x.img", &image);
     let sig = write(dir, "x.sig", vendor.sign("SW-1", "1.0", &image).as_bytes());
     let key = write(dir, "x.pub", vendor.public_pem().as_bytes());
-    let (code, _, err) = hubctl(
-        &hub,
-        &[
-            "firmware",
-            "add",
-            img.to_str().unwrap(),
-            "--model",
-            "SW-1",
-            "--version",
-            "1.1",
-            "--signature",
-            sig.to_str().unwrap(),
-            "--vendor-key",
-            key.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (code, err) = firmware_add(&hub, &img, "SW-1", "1.1", &sig, &key).await;
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("does not verify"), "{err}");
     // A garbled signature file.
     let bad = write(dir, "bad.sig", b"not a signature");
-    let (code, _, err) = hubctl(
-        &hub,
-        &[
-            "firmware",
-            "add",
-            img.to_str().unwrap(),
-            "--model",
-            "SW-1",
-            "--version",
-            "1.1",
-            "--signature",
-            bad.to_str().unwrap(),
-            "--vendor-key",
-            key.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (code, err) = firmware_add(&hub, &img, "SW-1", "1.1", &bad, &key).await;
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("signature is not 64 raw bytes"), "{err}");
     // A key trusted for another model does not sign for this one.
@@ -494,23 +475,8 @@ async fn add_signed(hub: &TestHub, key: &ota::VendorKey, model: &str, version: &
         &format!("{version}-signer.pub"),
         key.public_pem().as_bytes(),
     );
-    ok(
-        hub,
-        &[
-            "firmware",
-            "add",
-            img.to_str().unwrap(),
-            "--model",
-            model,
-            "--version",
-            version,
-            "--signature",
-            sig.to_str().unwrap(),
-            "--vendor-key",
-            pubkey.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (code, err) = firmware_add(hub, &img, model, version, &sig, &pubkey).await;
+    assert_eq!(code, 0, "firmware add {model} {version}: {err}");
 }
 
 async fn trust_pem(hub: &TestHub, key: &ota::VendorKey, model: &str, name: &str) {

@@ -503,15 +503,7 @@ impl LifecycleHandle {
         let target = id.clone();
         blocking(move || Ok(registry.update_lifecycle(&target, |l| l.update = Some(update))?))
             .await?;
-        lock(&self.inner.offers).insert(
-            id.clone(),
-            Active {
-                offer: offer.clone(),
-                image: Arc::new(image),
-                downloading: false,
-            },
-        );
-        self.publish_offer(&id, &offer, &record).await?;
+        self.activate(&id, &offer, &record, image).await?;
         self.event(
             Event::new(
                 Kind::FirmwareOffered,
@@ -964,17 +956,29 @@ impl LifecycleHandle {
         })
         .await?;
         for (id, offer, record, image) in pending {
-            lock(&self.inner.offers).insert(
-                id.clone(),
-                Active {
-                    offer: offer.clone(),
-                    image: Arc::new(image),
-                    downloading: false,
-                },
-            );
-            self.publish_offer(&id, &offer, &record).await?;
+            self.activate(&id, &offer, &record, image).await?;
         }
         Ok(())
+    }
+
+    /// Makes an offer current (its image in memory for the downloads) and
+    /// publishes it, retained.
+    async fn activate(
+        &self,
+        id: &DeviceId,
+        offer: &str,
+        record: &FirmwareRecord,
+        image: Vec<u8>,
+    ) -> Result<(), Error> {
+        lock(&self.inner.offers).insert(
+            id.clone(),
+            Active {
+                offer: offer.to_owned(),
+                image: Arc::new(image),
+                downloading: false,
+            },
+        );
+        self.publish_offer(id, offer, record).await
     }
 
     async fn event(&self, event: Event, durable: bool) -> Result<(), Error> {
